@@ -1,0 +1,450 @@
+"""The DoRA math, once, as pure functions on arrays.
+
+DoRA (Liu et al., ICML 2024) re-parameterises a frozen kernel ``W0`` as::
+
+    W' = m * (W0 + s * A @ B) / ||W0 + s * A @ B||_c
+
+where ``||.||_c`` is the L2 norm of each *output feature's* weight vector, ``m`` is a
+trainable magnitude per output feature, ``A @ B`` is a LoRA update and ``s`` its scaling.
+
+Every front end (Linen, NNX, model wrapping, merging, PEFT interchange) calls these
+functions and never re-derives the math. Kernels are described by a :class:`Layout`
+that says which axes are batch axes (kept), input axes (reduced by the norm) and output
+axes (one magnitude each). LoRA factors are stored in canonical order::
+
+    lora_a: (*batch, *in, r)      lora_b: (*batch, r, *out)      magnitude: (*batch, *out)
+
+Two facts keep DoRA as cheap as LoRA:
+
+* the norm is never taken of a materialised ``W0 + s*A@B``; it is expanded as
+  ``||W0||^2 + 2s colsum(B * A^T W0) + s^2 colsum(B * (A^T A) B)``, so the only extra
+  work is the ``(r, in) @ (in, out)`` product ``A^T W0``, and ``||W0||^2`` is cached;
+* the norm is detached by default (the paper's constant-C gradient, section 4.3), so it
+  adds nothing to the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+DEFAULT_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which axes of a kernel are batch, input and output axes.
+
+    Attributes:
+      batch_axes: axes kept apart, each index an independent matrix (a scanned layer
+        axis, DenseGeneral's ``batch_dims``).
+      in_axes: axes contracted with the input; the DoRA norm reduces them.
+      out_axes: axes of output features; one magnitude per element.
+
+    Together the three tuples hold every axis of the kernel exactly once.
+    """
+
+    batch_axes: tuple[int, ...]
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+
+    def __post_init__(self):
+        axes = (*self.batch_axes, *self.in_axes, *self.out_axes)
+        if sorted(axes) != list(range(len(axes))) or not self.in_axes or not self.out_axes:
+            raise ValueError(
+                f"A kernel layout needs every axis exactly once and at least one input and "
+                f"one output axis; got batch={self.batch_axes}, in={self.in_axes}, "
+                f"out={self.out_axes}."
+            )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.batch_axes) + len(self.in_axes) + len(self.out_axes)
+
+    @property
+    def canonical_order(self) -> tuple[int, ...]:
+        """Kernel axes reordered to ``(*batch, *in, *out)``."""
+        return (*self.batch_axes, *self.in_axes, *self.out_axes)
+
+    def split(self, kernel_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """``(batch_shape, in_shape, out_shape)`` of a kernel of this layout."""
+        kernel_shape = tuple(kernel_shape)
+        if len(kernel_shape) != self.ndim:
+            raise ValueError(
+                f"kernel shape {kernel_shape} has {len(kernel_shape)} axes, but the layout "
+                f"{self} describes {self.ndim}."
+            )
+        take = lambda axes: tuple(kernel_shape[a] for a in axes)  # noqa: E731
+        return take(self.batch_axes), take(self.in_axes), take(self.out_axes)
+
+    def fans(self, kernel_shape: Sequence[int]) -> tuple[int, int]:
+        """``(fan_in, fan_out)``: the sizes of the input and output blocks."""
+        _, in_shape, out_shape = self.split(kernel_shape)
+        return math.prod(in_shape), math.prod(out_shape)
+
+    def lora_shapes(self, kernel_shape: Sequence[int], rank: int):
+        """Shapes of ``(lora_a, lora_b, magnitude)`` for a kernel of this layout."""
+        batch, in_shape, out_shape = self.split(kernel_shape)
+        return (*batch, *in_shape, rank), (*batch, rank, *out_shape), (*batch, *out_shape)
+
+
+def dense_layout() -> Layout:
+    """Dense / nnx.Linear kernel ``(in, out)``; also Embed's ``(vocab, features)``."""
+    return Layout(batch_axes=(), in_axes=(0,), out_axes=(1,))
+
+
+def dense_general_layout(n_batch: int, n_in: int, n_out: int) -> Layout:
+    """DenseGeneral / nnx.LinearGeneral kernel ``(*batch, *in, *out)``."""
+    axes = iter(range(n_batch + n_in + n_out))
+    take = lambda n: tuple(next(axes) for _ in range(n))  # noqa: E731
+    return Layout(batch_axes=take(n_batch), in_axes=take(n_in), out_axes=take(n_out))
+
+
+def conv_layout(num_spatial: int) -> Layout:
+    """Conv kernel ``(*window, in / groups, out)``: the norm reduces all but the last axis."""
+    return Layout(batch_axes=(), in_axes=tuple(range(num_spatial + 1)), out_axes=(num_spatial + 1,))
+
+
+def einsum_layout(equation: str) -> Layout:
+    """Layout of the right-hand (kernel) operand of a two-operand einsum.
+
+    Kernel axes that appear in the left operand but not in the output are contracted
+    (input axes); those in the output and not in the left operand are output axes; those
+    in both are batch axes.
+
+    >>> einsum_layout("btd,dnh->btnh")
+    Layout(batch_axes=(), in_axes=(0,), out_axes=(1, 2))
+    """
+    spec = equation.replace(" ", "")
+    try:
+        operands, out = spec.split("->")
+        lhs, rhs = operands.split(",")
+    except ValueError:
+        raise ValueError(
+            f"einsum_layout needs an explicit two-operand equation 'lhs,rhs->out'; "
+            f"got {equation!r}."
+        ) from None
+    if "." in spec:
+        raise ValueError(f"einsum_layout does not support ellipses; got {equation!r}.")
+    batch = tuple(i for i, c in enumerate(rhs) if c in lhs and c in out)
+    contracted = tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
+    produced = tuple(i for i, c in enumerate(rhs) if c not in lhs and c in out)
+    if len(batch) + len(contracted) + len(produced) != len(rhs):
+        raise ValueError(
+            f"every kernel axis of {equation!r} must be contracted with the input or "
+            f"appear in the output."
+        )
+    return Layout(batch_axes=batch, in_axes=contracted, out_axes=produced)
+
+
+def scaling(rank: int, alpha: float, rslora: bool = False) -> float:
+    """LoRA scaling ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def check_rank(rank: int, kernel_shape: Sequence[int], layout: Layout, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``1 <= rank <= min(fan_in, fan_out)``."""
+    fan_in, fan_out = layout.fans(kernel_shape)
+    if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= min(fan_in, fan_out):
+        raise ValueError(
+            f"{_prefix(where)}rank must be an integer in [1, min(fan_in, fan_out)] = "
+            f"[1, {min(fan_in, fan_out)}] for kernel {tuple(kernel_shape)} "
+            f"(fan_in={fan_in}, fan_out={fan_out}); got {rank!r}."
+        )
+
+
+def check_kernel(kernel: Array, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``kernel`` has a floating dtype."""
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise ValueError(
+            f"{_prefix(where)}DoRA needs a floating-point kernel; got {kernel.dtype} "
+            f"with shape {tuple(kernel.shape)}."
+        )
+
+
+def check_adapter_shapes(
+    kernel_shape: Sequence[int],
+    layout: Layout,
+    lora_a_shape: Sequence[int],
+    lora_b_shape: Sequence[int],
+    magnitude_shape: Sequence[int] | None = None,
+    where: str = "",
+) -> int:
+    """Check that adapters fit a kernel; return their rank.
+
+    Raises:
+      ValueError: naming ``where``, the kernel shape and the expected and actual
+        adapter shapes.
+    """
+    lora_a_shape, lora_b_shape = tuple(lora_a_shape), tuple(lora_b_shape)
+    rank = lora_a_shape[-1] if lora_a_shape else -1
+    want_a, want_b, want_m = layout.lora_shapes(kernel_shape, rank)
+    got = (lora_a_shape, lora_b_shape, magnitude_shape)
+    want = (want_a, want_b, want_m if magnitude_shape is not None else None)
+    if got != tuple(None if w is None else tuple(w) for w in want):
+        raise ValueError(
+            f"{_prefix(where)}adapters do not fit kernel {tuple(kernel_shape)}: expected "
+            f"lora_a {want_a}, lora_b {want_b}"
+            + (f", magnitude {want_m}" if magnitude_shape is not None else "")
+            + f"; got lora_a {lora_a_shape}, lora_b {lora_b_shape}"
+            + (f", magnitude {tuple(magnitude_shape)}" if magnitude_shape is not None else "")
+            + "."
+        )
+    return rank
+
+
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _as_matrices(kernel: Array, layout: Layout) -> Array:
+    """View a kernel as a stack of matrices ``(batch, in, out)`` (canonical order)."""
+    batch, in_shape, out_shape = layout.split(kernel.shape)
+    kernel = jnp.transpose(kernel, layout.canonical_order)
+    return kernel.reshape(math.prod(batch), math.prod(in_shape), math.prod(out_shape))
+
+
+def _factors_as_matrices(lora_a: Array, lora_b: Array, layout: Layout):
+    n_batch = len(layout.batch_axes)
+    batch = lora_a.shape[:n_batch]
+    rank = lora_a.shape[-1]
+    a = lora_a.reshape(math.prod(batch), -1, rank)
+    b = lora_b.reshape(math.prod(batch), rank, -1)
+    return a, b
+
+
+def _per_feature(values: Array, kernel_shape: Sequence[int], layout: Layout) -> Array:
+    """Reshape ``(batch, out)`` values to the magnitude shape ``(*batch, *out)``."""
+    batch, _, out_shape = layout.split(kernel_shape)
+    return values.reshape(*batch, *out_shape)
+
+
+def column_norm_sq(kernel: Array, layout: Layout) -> Array:
+    """Squared L2 norm of every output feature's weights, in float32.
+
+    Args:
+      kernel: any layout, e.g. Dense ``(in, out)``.
+    Returns:
+      ``(*batch, *out)``; for Dense ``(out,)``, reducing axis 0.
+    """
+    w = _as_matrices(kernel, layout).astype(jnp.float32)
+    return _per_feature(jnp.sum(w * w, axis=1), kernel.shape, layout)
+
+
+def safe_sqrt(norm_sq: Array, eps: float = DEFAULT_EPS) -> Array:
+    """``sqrt(max(norm_sq, eps^2))``.
+
+    Rounding can make a factored ``norm_sq`` slightly negative, and an all-zero output
+    feature has norm 0, where PEFT divides by zero. The floor keeps every value, and the
+    gradient of the square root, finite, while norms above ``eps`` are untouched.
+    """
+    return jnp.sqrt(jnp.maximum(norm_sq, eps * eps))
+
+
+def column_norm(kernel: Array, layout: Layout, eps: float = 0.0) -> Array:
+    """L2 norm of every output feature's weights ``(*batch, *out)``, in float32."""
+    return safe_sqrt(column_norm_sq(kernel, layout), eps)
+
+
+def lora_delta(lora_a: Array, lora_b: Array, layout: Layout) -> Array:
+    """The LoRA update ``A @ B`` as a kernel of ``layout`` (float32).
+
+    Materialises an ``in x out`` array: for merging and tests, never a training step.
+    """
+    a, b = _factors_as_matrices(lora_a, lora_b, layout)
+    delta = jnp.einsum("bir,bro->bio", a.astype(jnp.float32), b.astype(jnp.float32))
+    n_batch = len(layout.batch_axes)
+    batch, in_shape = lora_a.shape[:n_batch], lora_a.shape[n_batch:-1]
+    out_shape = lora_b.shape[n_batch + 1 :]
+    canonical = delta.reshape(*batch, *in_shape, *out_shape)
+    return jnp.transpose(canonical, np.argsort(layout.canonical_order))
+
+
+def dora_norm(
+    kernel: Array,
+    lora_a: Array,
+    lora_b: Array,
+    scale: float,
+    layout: Layout,
+    *,
+    base_norm_sq: Array | None = None,
+    eps: float = DEFAULT_EPS,
+) -> Array:
+    """``||W0 + s*A@B||_c`` without forming ``W0 + s*A@B``, in float32.
+
+    Uses ``||W0||^2 + 2s colsum(B * A^T W0) + s^2 colsum(B * (A^T A) B)``: the only
+    product touching the kernel is ``A^T W0`` of shape ``(r, out)``.
+
+    Args:
+      kernel: ``W0`` in ``layout``, e.g. ``(in, out)``.
+      lora_a: ``(*batch, *in, r)``.
+      lora_b: ``(*batch, r, *out)``.
+      scale: the LoRA scaling ``s``.
+      layout: the kernel's :class:`Layout`.
+      base_norm_sq: cached ``column_norm_sq(kernel, layout)``; computed if ``None``.
+      eps: floor of the norm (see :func:`safe_sqrt`).
+    Returns:
+      ``(*batch, *out)`` float32.
+    """
+    w = _as_matrices(kernel, layout)
+    a, b = _factors_as_matrices(lora_a, lora_b, layout)
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    # A^T W0 reads the kernel in its own dtype with float32 accumulation: casting a
+    # bfloat16 W0 to float32 first would allocate a full-size copy of it.
+    a_t_w = jnp.einsum("bir,bio->bro", a.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    a_t_a = jnp.einsum("bir,bis->brs", a, a)
+    cross = jnp.sum(b * a_t_w, axis=1)
+    quad = jnp.sum(b * jnp.einsum("brs,bso->bro", a_t_a, b), axis=1)
+    if base_norm_sq is None:
+        base_norm_sq = column_norm_sq(kernel, layout)
+    base = base_norm_sq.reshape(cross.shape).astype(jnp.float32)
+    norm_sq = base + 2.0 * scale * cross + scale * scale * quad
+    return _per_feature(safe_sqrt(norm_sq, eps), kernel.shape, layout)
+
+
+def init_magnitude(
+    kernel: Array, lora_a: Array, lora_b: Array, scale: float, layout: Layout
+) -> Array:
+    """PEFT's magnitude initialisation: ``m = ||W0 + s*A@B||_c`` from the current factors.
+
+    With ``B = 0`` (the default init) this is ``||W0||_c``, so ``W' == W0``. Computed
+    exactly from the materialised weight, once, outside any training step.
+    """
+    merged = kernel.astype(jnp.float32) + scale * lora_delta(lora_a, lora_b, layout)
+    return column_norm(merged, layout)
+
+
+def magnitude_scale(magnitude: Array, norm: Array, detach_norm: bool = True) -> Array:
+    """``g = m / ||V||_c`` in float32; with ``detach_norm`` the norm is a constant.
+
+    Detaching is the paper's constant-C gradient (section 4.3) and PEFT's behaviour:
+    ``grad_V L = (m / C) grad_W' L`` instead of the projected gradient.
+    """
+    if detach_norm:
+        norm = jax.lax.stop_gradient(norm)
+    return magnitude.astype(jnp.float32) / norm
+
+
+def combine(
+    base_out: Array,
+    lora_out: Array,
+    scale: float,
+    g: Array | None,
+    *,
+    base_out_dropped: Array | None = None,
+) -> Array:
+    """Combine the frozen path and the LoRA path into the layer output (without bias).
+
+    Args:
+      base_out: ``x @ W0``, shape ``(..., *out)``.
+      lora_out: ``(xd @ A) @ B`` for the (possibly dropped-out) input ``xd``.
+      scale: LoRA scaling ``s``.
+      g: ``m / ||V||_c`` broadcastable to ``base_out``, or ``None`` for plain LoRA.
+      base_out_dropped: ``xd @ W0`` when dropout is active (training with p > 0).
+    Returns:
+      ``g * (x@W0 + s*lora)``; with dropout PEFT's
+      ``x@W0 + (g - 1) * (xd@W0) + g*s*lora``, so the frozen path sees the clean input
+      and only the correction and the LoRA branch see the dropped one. The result has
+      ``base_out``'s dtype; ``g`` multiplies in float32.
+    """
+    dtype = base_out.dtype
+    lora_out = scale * lora_out.astype(jnp.float32)
+    if g is None:
+        return (base_out + lora_out).astype(dtype)
+    if base_out_dropped is None:
+        return (g * (base_out.astype(jnp.float32) + lora_out)).astype(dtype)
+    correction = (g - 1.0) * base_out_dropped.astype(jnp.float32) + g * lora_out
+    return (base_out.astype(jnp.float32) + correction).astype(dtype)
+
+
+def merge(
+    kernel: Array,
+    lora_a: Array,
+    lora_b: Array,
+    magnitude: Array | None,
+    scale: float,
+    layout: Layout,
+    *,
+    eps: float = DEFAULT_EPS,
+) -> Array:
+    """Fold adapters into a plain kernel: ``W' = g * (W0 + s*A@B)``.
+
+    Computed in float32 and cast once to the kernel's dtype. ``magnitude=None`` merges
+    plain LoRA (``W0 + s*A@B``).
+    """
+    merged = kernel.astype(jnp.float32) + scale * lora_delta(lora_a, lora_b, layout)
+    if magnitude is not None:
+        g = magnitude.astype(jnp.float32) / column_norm(merged, layout, eps)
+        merged = merged * _broadcast_per_feature(g, layout)
+    return merged.astype(kernel.dtype)
+
+
+def _broadcast_per_feature(values: Array, layout: Layout) -> Array:
+    """Insert size-1 input axes so ``(*batch, *out)`` values broadcast against a kernel."""
+    canonical = values.reshape(
+        values.shape[: len(layout.batch_axes)]
+        + (1,) * len(layout.in_axes)
+        + values.shape[len(layout.batch_axes) :]
+    )
+    return jnp.transpose(canonical, np.argsort(layout.canonical_order))
+
+
+def adapter_forward(
+    x: Array,
+    kernel: Array,
+    lora_a: Array,
+    lora_b: Array,
+    magnitude: Array | None,
+    *,
+    apply_kernel: Callable[[Array, Array], Array],
+    apply_lora_b: Callable[[Array, Array], Array],
+    to_output: Callable[[Array], Array],
+    layout: Layout,
+    scale: float,
+    x_dropped: Array | None = None,
+    detach_norm: bool = True,
+    base_norm_sq: Array | None = None,
+    eps: float = DEFAULT_EPS,
+) -> Array:
+    """The adapted layer's output without bias, for any linear layer.
+
+    The layer supplies its own linear map, so one function serves Dense, DenseGeneral,
+    Conv and Embed.
+
+    Args:
+      x: the layer input.
+      kernel: frozen ``W0``.
+      lora_a, lora_b, magnitude: adapters in canonical order (``magnitude=None``: LoRA).
+      apply_kernel: ``(x, k) -> y`` the layer's linear map for any kernel ``k`` of the
+        layer's input block, e.g. ``x @ k``; applied to ``W0`` and to ``A``.
+      apply_lora_b: ``(x @ A, B) -> lora_out`` contracting the rank axis.
+      to_output: reshapes ``(*batch, *out)`` values to broadcast against the output.
+      layout, scale: the kernel's :class:`Layout` and the LoRA scaling.
+      x_dropped: the dropped-out input in training with dropout, else ``None``.
+      detach_norm: constant-C gradient (default) or the exact gradient.
+      base_norm_sq: cached ``||W0||_c^2`` (see :func:`column_norm_sq`).
+      eps: norm floor.
+    Returns:
+      ``y - bias`` of the adapted layer (see :func:`combine`).
+    """
+    base_out = apply_kernel(x, kernel)
+    xd = x if x_dropped is None else x_dropped
+    lora_out = apply_lora_b(apply_kernel(xd, lora_a), lora_b)
+    g = None
+    if magnitude is not None:
+        norm = dora_norm(
+            kernel, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps
+        )
+        g = to_output(magnitude_scale(magnitude, norm, detach_norm))
+    base_out_dropped = None
+    if x_dropped is not None and g is not None:
+        base_out_dropped = apply_kernel(x_dropped, kernel)
+    return combine(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
