@@ -8,7 +8,7 @@ The math lives once in :mod:`dora_jax.ops`; the layers are thin front ends:
   (adapters are ``nnx.LoRAParam`` subclasses).
 """
 
-from dora_jax import ops
+from dora_jax import nnx, ops
 from dora_jax.linen import (
     DoRAConv,
     DoRADense,
@@ -24,6 +24,7 @@ __all__ = [
     "DoRADense",
     "DoRADenseGeneral",
     "DoRAEmbed",
+    "nnx",
     "ops",
     "recompute_magnitudes",
 ]

@@ -21,7 +21,7 @@ own: the layer runs a plain Flax layer on ``W0`` and on ``A``, and the DoRA math
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,17 +36,29 @@ DORA = "dora"
 DORA_CACHE = "dora_cache"
 
 
-def plain_layer(cls: type[nn.Module], module: nn.Module, **overrides) -> nn.Module:
-    """An unbound, bias-free ``cls`` carrying ``module``'s settings and ``overrides``."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
+def plain_layer(
+    cls: type[nn.Module], module: Any, copy: Sequence[str] | None = None, **overrides
+) -> nn.Module:
+    """An unbound, bias-free ``cls`` carrying ``module``'s settings and ``overrides``.
+
+    ``copy`` names the settings to take from ``module`` (default: every field of
+    ``cls`` that ``module`` has).
+    """
+    fields = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
+    names = fields if copy is None else fields & set(copy)
     settings = {n: getattr(module, n) for n in names if hasattr(module, n)}
-    if "use_bias" in names:
+    if "use_bias" in fields:
         settings["use_bias"] = False
     return cls(**{**settings, **overrides}, parent=None)
 
 
 def kernel_map(
-    cls: type[nn.Module], module: nn.Module, n_lead: int, param: str = "kernel", **overrides
+    cls: type[nn.Module],
+    module: Any,
+    n_lead: int,
+    param: str = "kernel",
+    copy: Sequence[str] | None = None,
+    **overrides,
 ):
     """``(x, k) -> y``: the linear map of a Flax layer applied with an arbitrary kernel.
 
@@ -57,13 +69,13 @@ def kernel_map(
     def apply(x: Array, kernel: Array) -> Array:
         features = tuple(kernel.shape[n_lead:])
         features = features[0] if len(features) == 1 else features
-        layer = plain_layer(cls, module, features=features, **overrides)
+        layer = plain_layer(cls, module, copy, features=features, **overrides)
         return layer.apply({"params": {param: kernel}}, x)
 
     return apply
 
 
-def rank_map(module: nn.Module, n_batch: int = 0) -> Callable[[Array, Array], Array]:
+def rank_map(module: Any, n_batch: int = 0) -> Callable[[Array, Array], Array]:
     """``(x @ A, B) -> lora_out``: contract the trailing rank axis with ``B``."""
 
     def apply(xa: Array, lora_b: Array) -> Array:
@@ -242,7 +254,9 @@ class DoRADense(DoRAMixin, nn.Dense):
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool | None = None) -> Array:
         in_features = jnp.shape(inputs)[-1]
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel", self.kernel_init, (in_features, self.features), self.param_dtype
+        )
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias
@@ -374,7 +388,9 @@ class DoRAEmbed(DoRAMixin, nn.Embed):
     def __call__(self, inputs: Array, deterministic: bool | None = None) -> Array:
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError(f"{self._where()}: input type must be an integer; got {inputs.dtype}.")
-        lookup = kernel_map(nn.Embed, self, 1, param="embedding", num_embeddings=self.num_embeddings)
+        lookup = kernel_map(
+            nn.Embed, self, 1, param="embedding", num_embeddings=self.num_embeddings
+        )
         return ops.adapter_forward(
             inputs,
             self.embedding,
@@ -393,22 +409,17 @@ class DoRAEmbed(DoRAMixin, nn.Embed):
 
     def attend(self, query: Array) -> Array:
         """``query @ W'.T`` for tied output embeddings, without forming ``W'``."""
-        query = query.astype(jnp.promote_types(query.dtype, self.embedding.dtype))
-        if self.magnitude is not None:
-            norm = ops.dora_norm(
-                self.embedding,
-                self.lora_a,
-                self.lora_b,
-                self.scale,
-                ops.dense_layout(),
-                base_norm_sq=self.base_norm_sq,
-                eps=self.eps,
-            )
-            g = ops.magnitude_scale(self.magnitude, norm, self.detach_norm)
-            query = (query * g).astype(query.dtype)
-        base = query @ self.embedding.T.astype(query.dtype)
-        lora = (query @ self.lora_b.T.astype(query.dtype)) @ self.lora_a.T.astype(query.dtype)
-        return base + self.scale * lora
+        return ops.embed_attend(
+            query,
+            self.embedding,
+            self.lora_a,
+            self.lora_b,
+            self.magnitude,
+            self.scale,
+            detach_norm=self.detach_norm,
+            base_norm_sq=self.base_norm_sq,
+            eps=self.eps,
+        )
 
 
 def recompute_magnitudes(

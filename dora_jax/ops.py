@@ -440,11 +440,44 @@ def adapter_forward(
     lora_out = apply_lora_b(apply_kernel(xd, lora_a), lora_b)
     g = None
     if magnitude is not None:
-        norm = dora_norm(
-            kernel, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps
-        )
+        norm = dora_norm(kernel, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps)
         g = to_output(magnitude_scale(magnitude, norm, detach_norm))
     base_out_dropped = None
     if x_dropped is not None and g is not None:
         base_out_dropped = apply_kernel(x_dropped, kernel)
     return combine(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
+
+
+def embed_attend(
+    query: Array,
+    embedding: Array,
+    lora_a: Array,
+    lora_b: Array,
+    magnitude: Array | None,
+    scale: float,
+    *,
+    detach_norm: bool = True,
+    base_norm_sq: Array | None = None,
+    eps: float = DEFAULT_EPS,
+) -> Array:
+    """``query @ W'.T`` for an adapted embedding table (tied output embeddings).
+
+    ``W' = g * (E + s*A@B)`` with ``g`` per feature, so
+    ``query @ W'.T = (g*query) @ E.T + s * ((g*query) @ B.T) @ A.T``: no ``W'`` formed.
+
+    Args:
+      query: ``(..., features)``.
+      embedding: ``E (vocab, features)``; ``lora_a (vocab, r)``; ``lora_b (r, features)``.
+    Returns:
+      ``(..., vocab)`` logits.
+    """
+    dtype = jnp.promote_types(query.dtype, embedding.dtype)
+    query = query.astype(dtype)
+    if magnitude is not None:
+        layout = dense_layout()
+        norm = dora_norm(
+            embedding, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps
+        )
+        query = (query * magnitude_scale(magnitude, norm, detach_norm)).astype(dtype)
+    lora = (query @ lora_b.T.astype(dtype)) @ lora_a.T.astype(dtype)
+    return query @ embedding.T.astype(dtype) + scale * lora

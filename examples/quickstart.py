@@ -23,32 +23,38 @@ class MLP(nn.Module):
         return dora_jax.DoRADense(1, rank=1, use_dora=self.use_dora)(x)
 
 
+def train(use_dora: bool, x, target, steps: int) -> tuple[float, float]:
+    """Adapt the frozen MLP to ``target``; return the loss before and after."""
+    model = MLP(use_dora=use_dora)
+    variables = model.init(jax.random.key(1), x)
+    frozen = {k: v for k, v in variables.items() if k != "dora"}
+    optimizer = optax.adam(1e-2)
+
+    def loss_fn(adapters):
+        return jnp.mean((model.apply({**frozen, "dora": adapters}, x) - target) ** 2)
+
+    @jax.jit
+    def step(adapters, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(adapters)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(adapters, updates), opt_state, loss
+
+    adapters = variables["dora"]
+    opt_state = optimizer.init(adapters)
+    first = float(loss_fn(adapters))
+    for _ in range(steps):
+        adapters, opt_state, _ = step(adapters, opt_state)
+    return first, float(loss_fn(adapters))
+
+
 def main(steps: int = 300) -> None:
-    key_data, key_init, key_target = jax.random.split(jax.random.key(0), 3)
+    key_data, key_target = jax.random.split(jax.random.key(0))
     x = jax.random.normal(key_data, (512, 16))
     target = jnp.sin(x @ jax.random.normal(key_target, (16, 1)))
     for use_dora in (True, False):
-        model = MLP(use_dora=use_dora)
-        variables = model.init(key_init, x)
-        frozen = {k: v for k, v in variables.items() if k != "dora"}
-        optimizer = optax.adam(1e-2)
-        opt_state = optimizer.init(variables["dora"])
-
-        def loss_fn(adapters):
-            return jnp.mean((model.apply({**frozen, "dora": adapters}, x) - target) ** 2)
-
-        @jax.jit
-        def step(adapters, opt_state):
-            loss, grads = jax.value_and_grad(loss_fn)(adapters)
-            updates, opt_state = optimizer.update(grads, opt_state)
-            return optax.apply_updates(adapters, updates), opt_state, loss
-
-        adapters = variables["dora"]
-        first = loss_fn(adapters)
-        for _ in range(steps):
-            adapters, opt_state, loss = step(adapters, opt_state)
+        first, last = train(use_dora, x, target, steps)
         name = "DoRA" if use_dora else "LoRA"
-        print(f"{name}: loss {float(first):.4f} -> {float(loss_fn(adapters)):.4f} after {steps} steps")
+        print(f"{name}: loss {first:.4f} -> {last:.4f} after {steps} steps")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,362 @@
+"""DoRA layers for Flax NNX.
+
+Each layer subclasses the NNX layer it adapts (``DoRALinear`` is an ``nnx.Linear``),
+keeps its ``kernel`` and ``bias`` where they were, and adds::
+
+    lora_a, lora_b   DoRAParam      (an nnx.LoRAParam)
+    magnitude        Magnitude      (an nnx.LoRAParam)
+    base_norm_sq     BaseNormCache  (not a parameter: the cached ||W0||_c^2)
+
+Because the adapters are ``nnx.LoRAParam``\\ s, ``nnx.grad(..., wrt=nnx.LoRAParam)``,
+``nnx.Optimizer(..., wrt=nnx.LoRAParam)`` and every tool that already filters LoRA
+parameters train exactly the DoRA adapters. ``DoRALinear.from_module(linear, ...)``
+adapts an existing layer, keeping its kernel and bias.
+
+The linear maps are the Linen layers' (see :mod:`dora_jax.linen`), so an NNX and a Linen
+DoRA layer with the same weights compute the same numbers; the math is
+:mod:`dora_jax.ops`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dora_jax import linen as dora_linen
+from dora_jax import ops
+
+Array = jax.Array
+
+
+class DoRAParam(nnx.LoRAParam):
+    """A trainable DoRA LoRA factor (``lora_a`` or ``lora_b``)."""
+
+
+class Magnitude(nnx.LoRAParam):
+    """The trainable DoRA magnitude ``m``, one value per output feature."""
+
+
+class BaseNormCache(nnx.Variable):
+    """``||W0||_c^2`` of the frozen kernel, cached; recompute it if the kernel changes."""
+
+
+_DORA_ARGS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "rslora",
+    "use_dora",
+    "detach_norm",
+    "eps",
+    "adapter_dtype",
+    "lora_a_init",
+    "lora_b_init",
+)
+
+
+class DoRAMixin:
+    """Adapter variables and forward shared by the NNX DoRA layers.
+
+    DoRA arguments (keyword-only in every layer): ``rank``, ``alpha``, ``dropout``,
+    ``rslora``, ``use_dora``, ``detach_norm``, ``eps``, ``adapter_dtype``,
+    ``lora_a_init``, ``lora_b_init``; they mean what they mean in
+    :class:`dora_jax.linen.DoRAMixin`.
+    """
+
+    kernel_name = "kernel"
+    layout: ops.Layout
+    default_lora_a_init: Any = None
+    default_lora_b_init: Any = staticmethod(nnx.initializers.zeros_init())
+
+    def _init_adapters(
+        self,
+        layout: ops.Layout,
+        *,
+        rank: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        use_dora: bool = True,
+        detach_norm: bool = True,
+        eps: float = ops.DEFAULT_EPS,
+        adapter_dtype: Any = jnp.float32,
+        lora_a_init: Any = None,
+        lora_b_init: Any = None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        kernel = getattr(self, self.kernel_name)[...]
+        where = type(self).__name__
+        ops.check_kernel(kernel, where)
+        ops.check_rank(rank, kernel.shape, layout, where)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{where}: dropout must be in [0, 1); got {dropout}.")
+        self.layout = layout
+        self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
+        self.use_dora, self.detach_norm, self.eps = use_dora, detach_norm, eps
+        self.scale = ops.scaling(rank, alpha, rslora)
+        a_shape, b_shape, _ = layout.lora_shapes(kernel.shape, rank)
+        a_init = lora_a_init or self.default_lora_a_init or dora_linen._kaiming_uniform(layout)
+        b_init = lora_b_init or self.default_lora_b_init
+        self.lora_a = DoRAParam(a_init(rngs.params(), a_shape, adapter_dtype))
+        self.lora_b = DoRAParam(b_init(rngs.params(), b_shape, adapter_dtype))
+        self.magnitude = nnx.data(None)
+        self.base_norm_sq = nnx.data(None)
+        if use_dora:
+            magnitude, base_norm_sq = self._magnitude_and_cache()
+            self.magnitude = Magnitude(magnitude)
+            self.base_norm_sq = BaseNormCache(base_norm_sq)
+        self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def recompute_magnitude(self) -> None:
+        """Set ``m = ||W0 + s*A@B||_c`` and the norm cache from the current weights.
+
+        Call after loading new base weights into the layer (PEFT's initialisation).
+        """
+        if self.use_dora:
+            magnitude, base_norm_sq = self._magnitude_and_cache()
+            self.magnitude.set_value(magnitude)
+            self.base_norm_sq.set_value(base_norm_sq)
+
+    def _magnitude_and_cache(self) -> tuple[Array, Array]:
+        kernel = getattr(self, self.kernel_name)[...]
+        lora_a, lora_b = self.lora_a[...], self.lora_b[...]
+        magnitude = ops.init_magnitude(kernel, lora_a, lora_b, self.scale, self.layout)
+        return magnitude.astype(lora_a.dtype), ops.column_norm_sq(kernel, self.layout)
+
+    def _dropped(self, x: Array, deterministic: bool | None) -> Array | None:
+        if self.dropout == 0.0:
+            return None
+        if deterministic is None:
+            deterministic = self.lora_dropout.deterministic
+        if deterministic:
+            return None
+        return self.lora_dropout(x, deterministic=False)
+
+    def _adapt(
+        self,
+        x: Array,
+        deterministic: bool | None,
+        apply_kernel: Callable[[Array, Array], Array],
+        apply_lora_b: Callable[[Array, Array], Array],
+        to_output: Callable[[Array], Array] = lambda v: v,
+    ) -> Array:
+        kernel = getattr(self, self.kernel_name)[...]
+        lora_a, lora_b = self.lora_a[...], self.lora_b[...]
+        magnitude = self.magnitude[...] if self.use_dora else None
+        ops.check_adapter_shapes(
+            kernel.shape,
+            self.layout,
+            lora_a.shape,
+            lora_b.shape,
+            None if magnitude is None else magnitude.shape,
+            type(self).__name__,
+        )
+        return ops.adapter_forward(
+            x,
+            kernel,
+            lora_a,
+            lora_b,
+            magnitude,
+            apply_kernel=apply_kernel,
+            apply_lora_b=apply_lora_b,
+            to_output=to_output,
+            layout=self.layout,
+            scale=self.scale,
+            x_dropped=self._dropped(x, deterministic),
+            detach_norm=self.detach_norm,
+            base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
+            eps=self.eps,
+        )
+
+    @classmethod
+    def from_module(cls, base: nnx.Module, *, rngs: nnx.Rngs, **dora_kwargs):
+        """Adapt an existing layer, keeping its kernel and bias variables.
+
+        Args:
+          base: an instance of the layer this class extends (e.g. ``nnx.Linear``).
+          rngs: for the adapters' initialisation.
+          **dora_kwargs: DoRA arguments (``rank``, ``alpha``, ...).
+        """
+        flax_cls = next(c for c in cls.__mro__ if c.__module__.startswith("flax."))
+        if not isinstance(base, flax_cls):
+            raise TypeError(
+                f"{cls.__name__}.from_module needs an {flax_cls.__name__}; "
+                f"got {type(base).__name__}."
+            )
+        unknown = set(dora_kwargs) - set(_DORA_ARGS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_module got unknown arguments {sorted(unknown)}.")
+        signature = inspect.signature(flax_cls.__init__).parameters
+        settings = {n: getattr(base, n) for n in signature if n != "self" and hasattr(base, n)}
+        # The new layer's parameters start as the base's: no throwaway random init.
+        for name in ("kernel", "bias", "embedding"):
+            if f"{name}_init" in signature and getattr(base, name, None) is not None:
+                value = getattr(base, name)[...]
+                settings[f"{name}_init"] = lambda *_, value=value: value
+        layer = cls(**settings, **dora_kwargs, rngs=rngs)
+        for name in ("kernel", "bias", "embedding"):
+            if getattr(base, name, None) is not None:
+                setattr(layer, name, getattr(base, name))  # keep the variable and its metadata
+        return layer
+
+
+def _split_dora_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    dora = {k: kwargs.pop(k) for k in _DORA_ARGS if k in kwargs}
+    return dora, kwargs
+
+
+class DoRALinear(DoRAMixin, nnx.Linear):
+    """``nnx.Linear`` with a DoRA adapter.
+
+    Kernel ``(in, out)``, ``lora_a (in, r)``, ``lora_b (r, out)``, ``magnitude (out,)``.
+
+    >>> from flax import nnx
+    >>> layer = DoRALinear(3, 4, rank=2, rngs=nnx.Rngs(0))
+    >>> layer.lora_a.shape, layer.lora_b.shape, layer.magnitude.shape
+    ((3, 2), (2, 4), (4,))
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, **kwargs):
+        dora, linear = _split_dora_kwargs(kwargs)
+        super().__init__(in_features, out_features, rngs=rngs, **linear)
+        self._init_adapters(ops.dense_layout(), rngs=rngs, **dora)
+
+    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+        y = self._adapt(
+            inputs,
+            deterministic,
+            dora_linen.kernel_map(nn.Dense, self, 1, copy=("dtype", "precision")),
+            dora_linen.rank_map(self),
+        )
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+class DoRALinearGeneral(DoRAMixin, nnx.LinearGeneral):
+    """``nnx.LinearGeneral`` with a DoRA adapter.
+
+    Kernel ``(*batch, *in, *out)``, ``lora_a (*batch, *in, r)``,
+    ``lora_b (*batch, r, *out)``, ``magnitude (*batch, *out)``.
+    """
+
+    def __init__(self, in_features, out_features, *, rngs: nnx.Rngs, **kwargs):
+        dora, general = _split_dora_kwargs(kwargs)
+        super().__init__(in_features, out_features, rngs=rngs, **general)
+        layout = ops.dense_general_layout(
+            len(self.batch_axis), len(self.in_features), len(self.out_features)
+        )
+        self._init_adapters(layout, rngs=rngs, **dora)
+
+    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+        axis = tuple(ax % inputs.ndim for ax in self.axis)
+        batch_dims = tuple(ax % inputs.ndim for ax in self.batch_axis)
+        expanded = tuple(
+            inputs.shape[ax] if ax in batch_dims else 1
+            for ax in range(inputs.ndim)
+            if ax not in axis
+        )
+        to_output = lambda v: jnp.reshape(v, expanded + tuple(self.out_features))  # noqa: E731
+        apply_kernel = dora_linen.kernel_map(
+            nn.DenseGeneral,
+            self,
+            len(batch_dims) + len(axis),
+            copy=("dtype", "precision"),
+            axis=axis,
+            batch_dims=batch_dims,
+        )
+        y = self._adapt(
+            inputs,
+            deterministic,
+            apply_kernel,
+            dora_linen.rank_map(self, len(batch_dims)),
+            to_output,
+        )
+        return y if self.bias is None else y + to_output(self.bias[...]).astype(y.dtype)
+
+
+class DoRAConv(DoRAMixin, nnx.Conv):
+    """``nnx.Conv`` with a DoRA adapter.
+
+    Kernel ``(*window, in, out)``, ``lora_a (*window, in, r)`` (a convolution),
+    ``lora_b (r, out)`` (a 1x1 projection), ``magnitude (out,)``. Grouped convolutions
+    and masks are not supported.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, *, rngs, **kwargs):
+        dora, conv = _split_dora_kwargs(kwargs)
+        super().__init__(in_features, out_features, kernel_size, rngs=rngs, **conv)
+        if self.feature_group_count != 1 or self.mask is not None:
+            raise ValueError(
+                f"{type(self).__name__}: DoRA supports convolutions with "
+                f"feature_group_count=1 and no mask; got "
+                f"feature_group_count={self.feature_group_count}."
+            )
+        self._init_adapters(ops.conv_layout(len(self.kernel_size)), rngs=rngs, **dora)
+
+    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+        copy = (
+            "dtype",
+            "precision",
+            "kernel_size",
+            "strides",
+            "padding",
+            "input_dilation",
+            "kernel_dilation",
+        )
+        y = self._adapt(
+            inputs,
+            deterministic,
+            dora_linen.kernel_map(nn.Conv, self, len(self.kernel_size) + 1, copy=copy),
+            dora_linen.rank_map(self),
+        )
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+class DoRAEmbed(DoRAMixin, nnx.Embed):
+    """``nnx.Embed`` with a DoRA adapter.
+
+    Table ``(vocab, features)``, ``lora_a (vocab, r)`` (looked up), ``lora_b (r,
+    features)``, ``magnitude (features,)``; ``y = g * (E[x] + s * A[x] @ B)``, no dropout
+    (as PEFT).
+    """
+
+    kernel_name = "embedding"
+    default_lora_a_init = staticmethod(nnx.initializers.zeros_init())
+    default_lora_b_init = staticmethod(nnx.initializers.normal(1.0))
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, **kwargs):
+        dora, embed = _split_dora_kwargs(kwargs)
+        super().__init__(num_embeddings, features, rngs=rngs, **embed)
+        self._init_adapters(ops.dense_layout(), rngs=rngs, **dora)
+
+    def __call__(self, inputs: Array) -> Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"DoRAEmbed: input type must be an integer; got {inputs.dtype}.")
+        lookup = dora_linen.kernel_map(
+            nn.Embed,
+            self,
+            1,
+            param="embedding",
+            copy=("dtype",),
+            num_embeddings=self.num_embeddings,
+        )
+        return self._adapt(inputs, True, lookup, dora_linen.rank_map(self))
+
+    def attend(self, query: Array) -> Array:
+        """``query @ W'.T`` for tied output embeddings, without forming ``W'``."""
+        return ops.embed_attend(
+            query,
+            self.embedding[...],
+            self.lora_a[...],
+            self.lora_b[...],
+            self.magnitude[...] if self.use_dora else None,
+            self.scale,
+            detach_norm=self.detach_norm,
+            base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
+            eps=self.eps,
+        )
