@@ -1,29 +1,40 @@
 """dora-jax: DoRA (Weight-Decomposed Low-Rank Adaptation) for JAX and Flax.
 
-The math lives once in :mod:`dora_jax.ops`; the layers are thin front ends:
+The math lives once in :mod:`dora_jax.ops`; everything else is a thin front end:
 
-* :mod:`dora_jax.linen`: ``DoRADense``, ``DoRADenseGeneral``, ``DoRAConv``, ``DoRAEmbed``
-  (adapters in the ``"dora"`` collection);
-* :mod:`dora_jax.nnx`: ``DoRALinear``, ``DoRALinearGeneral``, ``DoRAConv``, ``DoRAEmbed``
-  (adapters are ``nnx.LoRAParam`` subclasses).
+* :mod:`dora_jax.linen`: drop-in layers ``DoRADense``, ``DoRADenseGeneral``,
+  ``DoRAEinsum``, ``DoRAConv``, ``DoRAEmbed`` (adapters in the ``"dora"`` collection),
+  and :func:`~dora_jax.linen.wrap` for unmodified Linen models;
+* :mod:`dora_jax.nnx`: ``DoRALinear``, ``DoRALinearGeneral``, ``DoRAEinsum``,
+  ``DoRAConv``, ``DoRAEmbed`` (adapters are ``nnx.LoRAParam`` subclasses) and in-place
+  :func:`~dora_jax.nnx.apply_dora` for unmodified NNX models;
+* :class:`DoRAConfig`: which layers to adapt, and how.
 """
 
-from dora_jax import nnx, ops
+from dora_jax import linen, nnx, ops
+from dora_jax.config import DoRAConfig, LayerSettings
 from dora_jax.linen import (
     DoRAConv,
     DoRADense,
     DoRADenseGeneral,
+    DoRAEinsum,
     DoRAEmbed,
+    merge_params,
     recompute_magnitudes,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DoRAConfig",
     "DoRAConv",
     "DoRADense",
     "DoRADenseGeneral",
+    "DoRAEinsum",
     "DoRAEmbed",
+    "LayerSettings",
+    "linen",
+    "merge_params",
     "nnx",
     "ops",
     "recompute_magnitudes",

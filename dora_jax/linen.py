@@ -1,26 +1,35 @@
-"""DoRA layers for Flax Linen.
+"""DoRA for Flax Linen: drop-in layers, and wrapping of unmodified models.
 
-Each layer is a drop-in subclass of the Flax layer it adapts (``DoRADense`` is an
-``nn.Dense``): the same constructor arguments plus the DoRA hyperparameters, and the same
-``"params"`` collection (``kernel``, ``bias``), so a pretrained checkpoint loads unchanged.
-The adapters live apart from the frozen base::
+**Layers.** Each layer is a subclass of the Flax layer it adapts (``DoRADense`` is an
+``nn.Dense``) with the same constructor arguments plus the DoRA hyperparameters, and the
+same ``"params"`` collection, so a pretrained checkpoint loads unchanged::
 
     "params":     kernel, bias                  the frozen base, exactly as in Flax
     "dora":       lora_a, lora_b, magnitude     trainable
     "dora_cache": base_norm_sq                  ||W0||_c^2, a cache (optional at apply)
 
-``dora_cache`` only saves the ``in x out`` squaring of ``W0`` each step; without it the
-value is recomputed. After loading new base weights into variables made by ``init``,
-call :func:`recompute_magnitudes`, which refreshes ``magnitude`` and the cache.
+``dora_cache`` only saves squaring ``W0`` every step; without it the value is
+recomputed. After loading new base weights into variables made by ``init``, call
+:func:`recompute_magnitudes`, which refreshes ``magnitude`` and the cache.
 
-The frozen linear map itself (padding, dilation, precision, dtype promotion) is Flax's
-own: the layer runs a plain Flax layer on ``W0`` and on ``A``, and the DoRA math is
-:mod:`dora_jax.ops`.
+**Wrapping.** :func:`wrap` adapts the ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``
+and ``Embed`` layers of any Linen model that a :class:`~dora_jax.DoRAConfig` selects,
+through ``nn.intercept_methods``: no model code changes, and ``nn.scan`` / ``nn.remat``
+models work because, inside the trace, adapters are ``params`` under reserved names
+(``dora_lora_a`` ...), which every lifted transform already carries. The wrapper's
+``init`` and ``apply`` move them to and from the ``"dora"`` and ``"dora_cache"``
+collections, so users see the same three collections as with the layers.
+
+The frozen linear map (padding, dilation, precision, dtype promotion) is Flax's own: a
+plain Flax layer runs on ``W0`` and on ``A``; the DoRA math is :mod:`dora_jax.ops`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
+import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,10 +39,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax import ops
+from dora_jax.config import DoRAConfig, LayerSettings
 
 Array = jax.Array
 DORA = "dora"
 DORA_CACHE = "dora_cache"
+ADAPTERS = ("lora_a", "lora_b", "magnitude")
+CACHE = "base_norm_sq"
+RESERVED_PREFIX = "dora_"  # wrapped models: adapters are params named dora_<name> in traces
+
+# A store reads or creates one adapter variable: (name, init) -> value, None if optional
+# and absent.
+Store = Callable[[str, Callable[[], Array]], Array | None]
+
+_merging = contextvars.ContextVar("dora_jax_merging", default=False)
+
+
+# --------------------------------------------------------------------------------------
+# The frozen layers' linear maps, applied to any kernel.
 
 
 def plain_layer(
@@ -93,8 +116,372 @@ def rank_map(module: Any, n_batch: int = 0) -> Callable[[Array, Array], Array]:
     return apply
 
 
+# --------------------------------------------------------------------------------------
+# Adapter variables and the adapted forward, shared by the layers and the wrapper.
+
+
+def describe(module: nn.Module) -> str:
+    """``"DoRADense 'encoder/query'"``: a module's type and path, for error messages."""
+    path = module_path(module)
+    return f"{type(module).__name__} {path!r}" if path else type(module).__name__
+
+
+def module_path(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.scope.path) if module.scope else ""
+
+
+def collection_store(module: nn.Module) -> Store:
+    """Adapters in the ``"dora"`` collection, the cache in ``"dora_cache"``."""
+
+    def variable(name: str, init: Callable[[], Array]) -> Array | None:
+        collection = DORA_CACHE if name == CACHE else DORA
+        return _get_or_create(module, collection, name, init, optional=name == CACHE)
+
+    return variable
+
+
+def params_store(module: nn.Module) -> Store:
+    """Adapters as ``params`` under reserved names (inside a wrapped model's trace)."""
+
+    def variable(name: str, init: Callable[[], Array]) -> Array | None:
+        return _get_or_create(
+            module, "params", RESERVED_PREFIX + name, init, optional=name == CACHE
+        )
+
+    return variable
+
+
+def _get_or_create(module, collection, name, init, optional):
+    value = module.get_variable(collection, name)
+    if value is not None:
+        return value
+    if not module.is_mutable_collection(collection):
+        if optional:
+            return None
+        raise ValueError(
+            f"{describe(module)}: no adapter {name!r} in the variables given to apply; "
+            f"pass the {DORA!r} collection made by init."
+        )
+    return module.variable(collection, name, init).value
+
+
+def create_adapters(
+    module: nn.Module,
+    kernel: Array,
+    layout: ops.Layout,
+    settings: LayerSettings,
+    store: Store,
+    lora_a_init: nn.initializers.Initializer | None,
+    lora_b_init: nn.initializers.Initializer | None,
+):
+    """Read or create ``(lora_a, lora_b, magnitude, base_norm_sq)`` for one layer.
+
+    Magnitudes are PEFT's initialisation ``||W0 + s*A@B||_c`` of the kernel present at
+    creation. Raises ``ValueError`` naming the layer for bad ranks, integer kernels and
+    adapters that do not fit the kernel.
+    """
+    where = describe(module)
+    ops.check_kernel(kernel, where)
+    ops.check_rank(settings.rank, kernel.shape, layout, where)
+    a_shape, b_shape, m_shape = layout.lora_shapes(kernel.shape, settings.rank)
+    dtype = settings.adapter_dtype
+    lora_a_init = lora_a_init or kaiming_uniform(layout)
+    lora_b_init = lora_b_init or nn.initializers.zeros_init()
+    lora_a = store("lora_a", lambda: lora_a_init(module.make_rng("params"), a_shape, dtype))
+    lora_b = store("lora_b", lambda: lora_b_init(module.make_rng("params"), b_shape, dtype))
+    magnitude = base_norm_sq = None
+    if settings.use_dora:
+        magnitude = store(
+            "magnitude",
+            lambda: ops.init_magnitude(kernel, lora_a, lora_b, settings.scale, layout).astype(
+                dtype
+            ),
+        )
+    m_given = None if magnitude is None else magnitude.shape
+    rank = ops.check_adapter_shapes(
+        kernel.shape, layout, lora_a.shape, lora_b.shape, m_given, where
+    )
+    if rank != settings.rank:
+        raise ValueError(
+            f"{where}: configured rank is {settings.rank} but the adapters have rank {rank} "
+            f"(lora_a {lora_a.shape}, lora_b {lora_b.shape})."
+        )
+    if settings.use_dora:
+        base_norm_sq = store(CACHE, lambda: ops.column_norm_sq(kernel, layout))
+        if base_norm_sq is not None and base_norm_sq.shape != m_shape:
+            raise ValueError(
+                f"{where}: cached {CACHE} has shape {base_norm_sq.shape}, expected {m_shape} "
+                f"for kernel {kernel.shape}."
+            )
+    return lora_a, lora_b, magnitude, base_norm_sq
+
+
+def _identity(v: Array) -> Array:
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """One layer's DoRA adapter: where its variables live and how it runs.
+
+    Calling it with the layer's kernel and linear maps gives the adapted output without
+    bias (:func:`dora_jax.ops.adapter_forward`); while :func:`merge_params` runs, it
+    instead writes the merged kernel back and returns the plain layer's output.
+    """
+
+    module: nn.Module
+    settings: LayerSettings
+    store: Store
+    dropout: Callable[[Array], Array | None]
+    lora_a_init: nn.initializers.Initializer | None
+    lora_b_init: nn.initializers.Initializer | None
+    kernel_name: str = "kernel"
+
+    def variables(self, kernel: Array, layout: ops.Layout):
+        return create_adapters(
+            self.module,
+            kernel,
+            layout,
+            self.settings,
+            self.store,
+            self.lora_a_init,
+            self.lora_b_init,
+        )
+
+    def __call__(
+        self,
+        x: Array,
+        kernel: Array,
+        layout: ops.Layout,
+        apply_kernel: Callable[[Array, Array], Array],
+        apply_lora_b: Callable[[Array, Array], Array],
+        to_output: Callable[[Array], Array] = _identity,
+        apply_lora_a: Callable[[Array, Array], Array] | None = None,
+        adapters: tuple | None = None,
+    ) -> Array:
+        lora_a, lora_b, magnitude, base_norm_sq = adapters or self.variables(kernel, layout)
+        if _merging.get():
+            merged = ops.merge(
+                kernel,
+                lora_a,
+                lora_b,
+                magnitude,
+                self.settings.scale,
+                layout,
+                eps=self.settings.eps,
+            )
+            self.module.put_variable("params", self.kernel_name, merged)
+            return apply_kernel(x, merged)
+        return ops.adapter_forward(
+            x,
+            kernel,
+            lora_a,
+            lora_b,
+            magnitude,
+            apply_kernel=apply_kernel,
+            apply_lora_b=apply_lora_b,
+            apply_lora_a=apply_lora_a,
+            to_output=to_output,
+            layout=layout,
+            scale=self.settings.scale,
+            x_dropped=self.dropout(x),
+            detach_norm=self.settings.detach_norm,
+            base_norm_sq=base_norm_sq,
+            eps=self.settings.eps,
+        )
+
+
+def kaiming_uniform(layout: ops.Layout) -> nn.initializers.Initializer:
+    """PEFT's ``A`` init: ``kaiming_uniform_(a=sqrt(5))``, i.e. U(+-1/sqrt(fan_in))."""
+    n_batch, n_in = len(layout.batch_axes), len(layout.in_axes)
+    return nn.initializers.variance_scaling(
+        1.0 / 3.0,
+        "fan_in",
+        "uniform",
+        in_axis=tuple(range(n_batch, n_batch + n_in)),
+        out_axis=-1,
+        batch_axis=tuple(range(n_batch)),
+    )
+
+
+def default_inits(embedding: bool = False):
+    """PEFT's adapter initializers ``(A, B)``: Kaiming-uniform ``A`` (``None`` here,
+    resolved per layout) and zero ``B``, so the adapted layer starts equal to the base;
+    for embeddings zero ``A`` and normal ``B``."""
+    if embedding:
+        return nn.initializers.zeros_init(), nn.initializers.normal(1.0)
+    return None, nn.initializers.zeros_init()
+
+
+# --------------------------------------------------------------------------------------
+# Each Flax layer's parameters, created exactly as Flax does, then the adapted forward.
+
+
+def _add_bias(y: Array, bias: Array | None, to_output=_identity) -> Array:
+    return y if bias is None else y + to_output(bias).astype(y.dtype)
+
+
+def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
+    kernel = module.param(
+        "kernel", module.kernel_init, (jnp.shape(inputs)[-1], module.features), module.param_dtype
+    )
+    bias = None
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    y = adapter(
+        inputs, kernel, ops.dense_layout(), kernel_map(nn.Dense, module, 1), rank_map(module)
+    )
+    return _add_bias(y, bias)
+
+
+def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: Adapter) -> Array:
+    features = _as_tuple(module.features)
+    axis = _normalize_axes(_as_tuple(module.axis), inputs.ndim)
+    batch_dims = _normalize_axes(_as_tuple(module.batch_dims), inputs.ndim)
+    if batch_dims and batch_dims != tuple(range(len(batch_dims))):
+        raise ValueError(
+            f"{describe(module)}: batch_dims {batch_dims} must be consecutive leading "
+            f"dimensions starting from 0."
+        )
+    n_batch, n_in, n_out = len(batch_dims), len(axis), len(features)
+    batch_shape = tuple(inputs.shape[ax] for ax in batch_dims)
+    in_shape = tuple(inputs.shape[ax] for ax in axis)
+    kernel = module.param(
+        "kernel",
+        _flat_init(module.kernel_init, n_batch, n_in, n_out),
+        batch_shape + in_shape + features,
+        module.param_dtype,
+    )
+    bias = None
+    if module.use_bias:
+        bias = module.param(
+            "bias",
+            _flat_init(module.bias_init, n_batch, 0, n_out),
+            batch_shape + features,
+            module.param_dtype,
+        )
+    # (*batch, *out) values -> broadcastable against the output (*batch, *other, *out).
+    expanded = tuple(
+        inputs.shape[ax] if ax in batch_dims else 1 for ax in range(inputs.ndim) if ax not in axis
+    )
+    to_output = lambda v: jnp.reshape(v, expanded + features)  # noqa: E731
+    y = adapter(
+        inputs,
+        kernel,
+        ops.dense_general_layout(n_batch, n_in, n_out),
+        kernel_map(nn.DenseGeneral, module, n_batch + n_in),
+        rank_map(module, n_batch),
+        to_output,
+    )
+    return _add_bias(y, bias, to_output)
+
+
+def conv_call(module: nn.Conv, inputs: Array, adapter: Adapter) -> Array:
+    kernel_size = (
+        (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+    )
+    if module.feature_group_count != 1 or module.mask is not None:
+        raise ValueError(
+            f"{describe(module)}: DoRA supports convolutions with feature_group_count=1 and "
+            f"no mask; got feature_group_count={module.feature_group_count}, "
+            f"mask={'set' if module.mask is not None else None}."
+        )
+    kernel_shape = (*kernel_size, jnp.shape(inputs)[-1], module.features)
+    kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+    bias = None
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    y = adapter(
+        inputs,
+        kernel,
+        ops.conv_layout(len(kernel_size)),
+        kernel_map(nn.Conv, module, len(kernel_size) + 1),
+        rank_map(module),
+    )
+    return _add_bias(y, bias)
+
+
+def einsum_call(
+    module: nn.Einsum, inputs: Array, einsum_str: str | None, adapter: Adapter
+) -> Array:
+    equation = nn.merge_param("einsum_str", module.einsum_str, einsum_str).replace(" ", "")
+    layout = ops.einsum_layout(equation)
+    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    lhs, rhs, out = _einsum_parts(equation)
+    pick = lambda axes: "".join(rhs[a] for a in axes)  # noqa: E731
+    batch, contracted, produced = (
+        pick(a) for a in (layout.batch_axes, layout.in_axes, layout.out_axes)
+    )
+    r = next(c for c in string.ascii_letters if c not in equation)
+    xa_out = "".join(c for c in out if c not in produced) + r
+
+    def einsum_map(equation):
+        return lambda x, k: plain_layer(
+            nn.Einsum, module, shape=k.shape, einsum_str=equation
+        ).apply({"params": {"kernel": k}}, x)
+
+    # (*batch, *out) values -> the output's axis order, size 1 on the input's own axes.
+    order = [c for c in out if c in batch + produced]
+    perm = [(batch + produced).index(c) for c in order]
+    broadcast = tuple(kernel.shape[rhs.index(c)] if c in rhs else 1 for c in out)
+    to_output = lambda v: jnp.reshape(jnp.transpose(v, perm), broadcast)  # noqa: E731
+    bias = None
+    if module.use_bias:
+        bias_shape = tuple(kernel.shape[rhs.index(c)] for c in out if c in rhs)
+        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    y = adapter(
+        inputs,
+        kernel,
+        layout,
+        einsum_map(equation),
+        einsum_map(f"{xa_out},{batch}{r}{produced}->{out}"),
+        to_output,
+        apply_lora_a=einsum_map(f"{lhs},{batch}{contracted}{r}->{xa_out}"),
+    )
+    return y if bias is None else y + jnp.reshape(bias, broadcast).astype(y.dtype)
+
+
+def _einsum_parts(equation: str) -> tuple[str, str, str]:
+    operands, out = equation.split("->")
+    lhs, rhs = operands.split(",")
+    return lhs, rhs, out
+
+
+def embed_call(module: nn.Embed, inputs: Array, adapter: Adapter, adapters) -> Array:
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+        raise ValueError(f"{describe(module)}: input type must be an integer; got {inputs.dtype}.")
+    lookup = kernel_map(
+        nn.Embed, module, 1, param="embedding", num_embeddings=module.num_embeddings
+    )
+    # PEFT applies no dropout to embeddings.
+    adapter = dataclasses.replace(adapter, dropout=lambda x: None, kernel_name="embedding")
+    return adapter(
+        inputs, module.embedding, ops.dense_layout(), lookup, rank_map(module), adapters=adapters
+    )
+
+
+def embed_attend(module: nn.Embed, query: Array, adapter: Adapter, adapters) -> Array:
+    lora_a, lora_b, magnitude, base_norm_sq = adapters
+    settings = adapter.settings
+    return ops.embed_attend(
+        query,
+        module.embedding,
+        lora_a,
+        lora_b,
+        magnitude,
+        settings.scale,
+        detach_norm=settings.detach_norm,
+        base_norm_sq=base_norm_sq,
+        eps=settings.eps,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The layers.
+
+
 class DoRAMixin(nn.Module):
-    """The DoRA hyperparameters and adapter variables shared by every Linen layer.
+    """The DoRA hyperparameters shared by every Linen layer.
 
     Attributes:
       rank: LoRA rank ``r``, ``1 <= r <= min(fan_in, fan_out)``.
@@ -126,62 +513,33 @@ class DoRAMixin(nn.Module):
     lora_a_init: nn.initializers.Initializer | None = None
     lora_b_init: nn.initializers.Initializer | None = None
 
-    default_lora_a_init = None  # set per layer (class attributes, not fields)
-    default_lora_b_init = staticmethod(nn.initializers.zeros_init())
+    is_embedding = False  # class attribute, not a field
 
     @property
     def scale(self) -> float:
         return ops.scaling(self.rank, self.alpha, self.rslora)
 
-    def _where(self) -> str:
-        path = "/".join(str(p) for p in self.scope.path) if self.scope else ""
-        return f"{type(self).__name__} {path!r}" if path else type(self).__name__
-
-    def _adapters(self, kernel: Array, layout: ops.Layout):
-        """Create or read ``(lora_a, lora_b, magnitude, base_norm_sq)``."""
-        where = self._where()
-        ops.check_kernel(kernel, where)
-        ops.check_rank(self.rank, kernel.shape, layout, where)
+    def _adapter(self, deterministic: bool | None = None) -> Adapter:
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{where}: dropout must be in [0, 1); got {self.dropout}.")
-        a_shape, b_shape, m_shape = layout.lora_shapes(kernel.shape, self.rank)
-        a_init = self.lora_a_init or self.default_lora_a_init or _kaiming_uniform(layout)
-        b_init = self.lora_b_init or self.default_lora_b_init
-        lora_a = self.variable(
-            DORA, "lora_a", lambda: a_init(self.make_rng("params"), a_shape, self.adapter_dtype)
-        ).value
-        lora_b = self.variable(
-            DORA, "lora_b", lambda: b_init(self.make_rng("params"), b_shape, self.adapter_dtype)
-        ).value
-        magnitude = None
-        if self.use_dora:
-            magnitude = self.variable(
-                DORA,
-                "magnitude",
-                lambda: ops.init_magnitude(kernel, lora_a, lora_b, self.scale, layout).astype(
-                    self.adapter_dtype
-                ),
-            ).value
-        m_given = None if magnitude is None else magnitude.shape
-        ops.check_adapter_shapes(kernel.shape, layout, lora_a.shape, lora_b.shape, m_given, where)
-        if lora_a.shape[-1] != self.rank:
-            raise ValueError(
-                f"{where}: the layer has rank={self.rank} but its adapters have rank "
-                f"{lora_a.shape[-1]} (lora_a {lora_a.shape}, lora_b {lora_b.shape})."
-            )
-        base_norm_sq = None
-        if self.use_dora and (
-            self.has_variable(DORA_CACHE, "base_norm_sq") or self.is_mutable_collection(DORA_CACHE)
-        ):
-            base_norm_sq = self.variable(
-                DORA_CACHE, "base_norm_sq", lambda: ops.column_norm_sq(kernel, layout)
-            ).value
-            if base_norm_sq.shape != m_shape:
-                raise ValueError(
-                    f"{where}: cached base_norm_sq has shape {base_norm_sq.shape}, expected "
-                    f"{m_shape} for kernel {kernel.shape}."
-                )
-        return lora_a, lora_b, magnitude, base_norm_sq
+            raise ValueError(f"{describe(self)}: dropout must be in [0, 1); got {self.dropout}.")
+        a_init, b_init = default_inits(self.is_embedding)
+        return Adapter(
+            module=self,
+            settings=LayerSettings(
+                rank=self.rank,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                rslora=self.rslora,
+                use_dora=self.use_dora,
+                detach_norm=self.detach_norm,
+                eps=self.eps,
+                adapter_dtype=self.adapter_dtype,
+            ),
+            store=collection_store(self),
+            dropout=functools.partial(self._dropped, deterministic=deterministic),
+            lora_a_init=self.lora_a_init or a_init,
+            lora_b_init=self.lora_b_init or b_init,
+        )
 
     def _dropped(self, x: Array, deterministic: bool | None) -> Array | None:
         """The dropped-out input in training with dropout, else ``None``."""
@@ -190,51 +548,6 @@ class DoRAMixin(nn.Module):
         if nn.merge_param("deterministic", self.deterministic, deterministic):
             return None
         return nn.Dropout(rate=self.dropout, name="lora_dropout")(x, deterministic=False)
-
-    def _adapt(
-        self,
-        x: Array,
-        kernel: Array,
-        layout: ops.Layout,
-        deterministic: bool | None,
-        apply_kernel: Callable[[Array, Array], Array],
-        apply_lora_b: Callable[[Array, Array], Array],
-        to_output: Callable[[Array], Array] = lambda v: v,
-    ) -> Array:
-        lora_a, lora_b, magnitude, base_norm_sq = self._adapters(kernel, layout)
-        return ops.adapter_forward(
-            x,
-            kernel,
-            lora_a,
-            lora_b,
-            magnitude,
-            apply_kernel=apply_kernel,
-            apply_lora_b=apply_lora_b,
-            to_output=to_output,
-            layout=layout,
-            scale=self.scale,
-            x_dropped=self._dropped(x, deterministic),
-            detach_norm=self.detach_norm,
-            base_norm_sq=base_norm_sq,
-            eps=self.eps,
-        )
-
-
-def _kaiming_uniform(layout: ops.Layout) -> nn.initializers.Initializer:
-    # PEFT: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    n_batch, n_in = len(layout.batch_axes), len(layout.in_axes)
-    return nn.initializers.variance_scaling(
-        1.0 / 3.0,
-        "fan_in",
-        "uniform",
-        in_axis=tuple(range(n_batch, n_batch + n_in)),
-        out_axis=-1,
-        batch_axis=tuple(range(n_batch)),
-    )
-
-
-def _add_bias(y: Array, bias: Array | None) -> Array:
-    return y if bias is None else y + bias.astype(y.dtype)
 
 
 class DoRADense(DoRAMixin, nn.Dense):
@@ -253,24 +566,7 @@ class DoRADense(DoRAMixin, nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool | None = None) -> Array:
-        in_features = jnp.shape(inputs)[-1]
-        kernel = self.param(
-            "kernel", self.kernel_init, (in_features, self.features), self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        y = self._adapt(
-            inputs,
-            kernel,
-            ops.dense_layout(),
-            deterministic,
-            apply_kernel=kernel_map(nn.Dense, self, 1),
-            apply_lora_b=rank_map(self),
-        )
-        return _add_bias(y, bias)
+        return dense_call(self, inputs, self._adapter(deterministic))
 
 
 class DoRADenseGeneral(DoRAMixin, nn.DenseGeneral):
@@ -283,48 +579,7 @@ class DoRADenseGeneral(DoRAMixin, nn.DenseGeneral):
 
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool | None = None) -> Array:
-        features = _as_tuple(self.features)
-        axis = tuple(_normalize_axes(_as_tuple(self.axis), inputs.ndim))
-        batch_dims = tuple(_normalize_axes(_as_tuple(self.batch_dims), inputs.ndim))
-        if batch_dims and batch_dims != tuple(range(len(batch_dims))):
-            raise ValueError(
-                f"{self._where()}: batch_dims {batch_dims} must be consecutive leading "
-                f"dimensions starting from 0."
-            )
-        batch_shape = tuple(inputs.shape[ax] for ax in batch_dims)
-        in_shape = tuple(inputs.shape[ax] for ax in axis)
-        layout = ops.dense_general_layout(len(batch_dims), len(axis), len(features))
-        kernel = self.param(
-            "kernel",
-            _flat_init(self.kernel_init, len(batch_dims), len(axis), len(features)),
-            batch_shape + in_shape + features,
-            self.param_dtype,
-        )
-        bias = None
-        if self.use_bias:
-            bias = self.param(
-                "bias",
-                _flat_init(self.bias_init, len(batch_dims), 0, len(features)),
-                batch_shape + features,
-                self.param_dtype,
-            )
-        # (*batch, *out) values -> broadcastable against (*batch, *other, *out).
-        expanded = tuple(
-            inputs.shape[ax] if ax in batch_dims else 1
-            for ax in range(inputs.ndim)
-            if ax not in axis
-        )
-        to_output = lambda v: jnp.reshape(v, expanded + features)  # noqa: E731
-        y = self._adapt(
-            inputs,
-            kernel,
-            layout,
-            deterministic,
-            apply_kernel=kernel_map(nn.DenseGeneral, self, len(batch_dims) + len(axis)),
-            apply_lora_b=rank_map(self, len(batch_dims)),
-            to_output=to_output,
-        )
-        return y if bias is None else y + to_output(bias).astype(y.dtype)
+        return dense_general_call(self, inputs, self._adapter(deterministic))
 
 
 class DoRAConv(DoRAMixin, nn.Conv):
@@ -338,31 +593,23 @@ class DoRAConv(DoRAMixin, nn.Conv):
 
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool | None = None) -> Array:
-        kernel_size = (
-            (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        )
-        if self.feature_group_count != 1 or self.mask is not None:
-            raise ValueError(
-                f"{self._where()}: DoRA supports convolutions with feature_group_count=1 "
-                f"and no mask; got feature_group_count={self.feature_group_count}, "
-                f"mask={'set' if self.mask is not None else None}."
-            )
-        kernel_shape = (*kernel_size, jnp.shape(inputs)[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        y = self._adapt(
-            inputs,
-            kernel,
-            ops.conv_layout(len(kernel_size)),
-            deterministic,
-            apply_kernel=kernel_map(nn.Conv, self, len(kernel_size) + 1),
-            apply_lora_b=rank_map(self),
-        )
-        return _add_bias(y, bias)
+        return conv_call(self, inputs, self._adapter(deterministic))
+
+
+class DoRAEinsum(DoRAMixin, nn.Einsum):
+    """``nn.Einsum`` with a DoRA adapter.
+
+    The kernel's axes split into batch axes (in the input and the output), input axes
+    (contracted; the norm reduces them) and output axes (see
+    :func:`dora_jax.ops.einsum_layout`); ``lora_a (*batch, *in, r)``,
+    ``lora_b (*batch, r, *out)``, ``magnitude (*batch, *out)``.
+    """
+
+    @nn.compact
+    def __call__(
+        self, inputs: Array, einsum_str: str | None = None, deterministic: bool | None = None
+    ) -> Array:
+        return einsum_call(self, inputs, einsum_str, self._adapter(deterministic))
 
 
 class DoRAEmbed(DoRAMixin, nn.Embed):
@@ -374,52 +621,229 @@ class DoRAEmbed(DoRAMixin, nn.Embed):
     applies no dropout to embeddings, nor does this layer.
     """
 
-    default_lora_a_init = staticmethod(nn.initializers.zeros_init())
-    default_lora_b_init = staticmethod(nn.initializers.normal(1.0))
+    is_embedding = True
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
-        )
-        self.lora_a, self.lora_b, self.magnitude, self.base_norm_sq = self._adapters(
-            self.embedding, ops.dense_layout()
-        )
+        super().setup()
+        self.adapters = self._adapter().variables(self.embedding, ops.dense_layout())
 
-    def __call__(self, inputs: Array, deterministic: bool | None = None) -> Array:
-        if not jnp.issubdtype(inputs.dtype, jnp.integer):
-            raise ValueError(f"{self._where()}: input type must be an integer; got {inputs.dtype}.")
-        lookup = kernel_map(
-            nn.Embed, self, 1, param="embedding", num_embeddings=self.num_embeddings
-        )
-        return ops.adapter_forward(
-            inputs,
-            self.embedding,
-            self.lora_a,
-            self.lora_b,
-            self.magnitude,
-            apply_kernel=lookup,
-            apply_lora_b=rank_map(self),
-            to_output=lambda v: v,
-            layout=ops.dense_layout(),
-            scale=self.scale,
-            detach_norm=self.detach_norm,
-            base_norm_sq=self.base_norm_sq,
-            eps=self.eps,
-        )
+    def __call__(self, inputs: Array) -> Array:
+        return embed_call(self, inputs, self._adapter(), self.adapters)
 
     def attend(self, query: Array) -> Array:
         """``query @ W'.T`` for tied output embeddings, without forming ``W'``."""
-        return ops.embed_attend(
-            query,
-            self.embedding,
-            self.lora_a,
-            self.lora_b,
-            self.magnitude,
-            self.scale,
-            detach_norm=self.detach_norm,
-            base_norm_sq=self.base_norm_sq,
-            eps=self.eps,
+        return embed_attend(self, query, self._adapter(), self.adapters)
+
+
+# --------------------------------------------------------------------------------------
+# Wrapping unmodified models.
+
+
+ADAPTABLE = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+
+
+@dataclasses.dataclass
+class _Trace:
+    """What one trace of a wrapped model saw: every module path, the adaptable ones."""
+
+    paths: set = dataclasses.field(default_factory=set)
+    adaptable: set = dataclasses.field(default_factory=set)
+    adapted: set = dataclasses.field(default_factory=set)
+
+
+def _dropout_from_rng(module: nn.Module, rate: float) -> Callable[[Array], Array | None]:
+    """Adapter dropout in a wrapped model: active when apply gets a ``"dropout"`` rng."""
+
+    def dropped(x: Array) -> Array | None:
+        if rate == 0.0 or not module.has_rng("dropout") or _merging.get():
+            return None
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+    return dropped
+
+
+def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, context):
+    module = context.module
+    path = module_path(module)
+    if context.method_name == "__call__" and path:
+        trace.paths.add(path)
+    if isinstance(module, DoRAMixin) or not path or not config.is_target(path):
+        if isinstance(module, ADAPTABLE) and not isinstance(module, DoRAMixin) and path:
+            trace.adaptable.add(path)
+        return next_fun(*args, **kwargs)
+    if not isinstance(module, ADAPTABLE):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        raise ValueError(
+            f"DoRAConfig targets match {path!r}, a {type(module).__module__}."
+            f"{type(module).__name__}; DoRA adapts nn.Dense, nn.DenseGeneral, nn.Einsum, "
+            f"nn.Conv and nn.Embed layers. Narrow `targets` or add {path!r} to `exclude`."
         )
+    trace.adaptable.add(path)
+    trace.adapted.add(path)
+    settings = config.settings(path)
+    a_init, b_init = default_inits(isinstance(module, nn.Embed))
+    adapter = Adapter(
+        module=module,
+        settings=settings,
+        store=params_store(module),
+        dropout=_dropout_from_rng(module, settings.dropout),
+        lora_a_init=a_init,
+        lora_b_init=b_init,
+    )
+    if isinstance(module, nn.Embed):
+        if context.method_name == "setup":
+            next_fun(*args, **kwargs)
+            adapters = adapter.variables(module.embedding, ops.dense_layout())
+            object.__setattr__(module, "_dora_adapters", adapters)
+            return None
+        if context.method_name == "__call__":
+            return embed_call(module, args[0], adapter, module._dora_adapters)
+        if context.method_name == "attend":
+            return embed_attend(module, args[0], adapter, module._dora_adapters)
+        return next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    if isinstance(module, nn.Dense):
+        return dense_call(module, *args, adapter)
+    if isinstance(module, nn.DenseGeneral):
+        return dense_general_call(module, *args, adapter)
+    if isinstance(module, nn.Conv):
+        return conv_call(module, *args, adapter)
+    return einsum_call(
+        module, args[0], kwargs.get("einsum_str", args[1] if len(args) > 1 else None), adapter
+    )
+
+
+class DoRAModel(nn.Module):
+    """An unmodified Linen model with DoRA on the layers a config selects.
+
+    Made by :func:`wrap`. ``init`` and ``apply`` take the model's own arguments;
+    variables hold ``"params"`` (exactly the model's), ``"dora"`` (trainable adapters,
+    nested like the params) and ``"dora_cache"`` (optional at apply). Adapter dropout
+    runs when ``apply`` is given a ``"dropout"`` rng.
+    """
+
+    model: nn.Module
+    config: DoRAConfig
+
+    def setup(self):
+        nn.share_scope(self, self.model)  # the model's params keep their own paths
+
+    def __call__(self, *args, **kwargs):
+        trace = _Trace()
+        with nn.intercept_methods(functools.partial(_intercept, self.config, trace)):
+            out = self.model(*args, **kwargs)
+        if trace.paths and not trace.adapted:
+            self.config.check_matched(trace.paths, trace.adaptable)
+        return out
+
+    def init(self, rngs, *args, **kwargs):
+        """``init`` of the model plus adapters; magnitudes from the fresh base weights."""
+        return split_adapters(super().init(rngs, *args, **kwargs))
+
+    def init_from_params(self, rngs, params: Mapping[str, Any], *args, **kwargs):
+        """Adapters for pretrained ``params``: magnitudes are computed from them.
+
+        Base parameters absent from ``params`` (a new classification head, say) are
+        initialised as ``init`` would.
+        """
+        rngs = {"params": rngs} if not isinstance(rngs, Mapping) else rngs
+        _, variables = super().apply({"params": params}, *args, rngs=rngs, mutable=True, **kwargs)
+        return split_adapters(variables)
+
+    def apply(self, variables, *args, mutable=False, **kwargs):
+        """``apply`` of the model with the adapters in ``variables["dora"]``."""
+        result = super().apply(join_adapters(variables), *args, mutable=mutable, **kwargs)
+        if mutable is False:
+            return result
+        out, updates = result
+        return out, split_adapters(updates)
+
+
+def wrap(model: nn.Module, config: DoRAConfig) -> DoRAModel:
+    """Put DoRA into an unmodified Linen model.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from dora_jax import DoRAConfig
+    >>> mlp = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> model = wrap(mlp, DoRAConfig(targets=["layers_0"], rank=2))
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> jax.tree.map(jnp.shape, variables["dora"])
+    {'layers_0': {'lora_a': (4, 2), 'lora_b': (2, 8), 'magnitude': (8,)}}
+    """
+    if not isinstance(config, DoRAConfig):
+        raise TypeError(f"wrap needs a DoRAConfig; got {type(config).__name__}.")
+    return DoRAModel(model=model, config=config)
+
+
+def split_adapters(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Move reserved-name adapter params into the ``"dora"`` / ``"dora_cache"`` collections."""
+    variables = dict(variables)
+    if "params" not in variables:
+        return variables
+    params, dora, cache = _split(variables["params"])
+    variables["params"] = params
+    for name, tree in ((DORA, dora), (DORA_CACHE, cache)):
+        if tree:
+            variables[name] = _merge_trees(variables.get(name, {}), tree)
+    return variables
+
+
+def join_adapters(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`split_adapters`: adapters back into ``"params"``."""
+    variables = dict(variables)
+    dora, cache = variables.pop(DORA, {}), variables.pop(DORA_CACHE, {})
+    params = variables.get("params", {})
+    for tree in (dora, cache):
+        params = _merge_trees(params, _prefix_leaves(tree))
+    if params:
+        variables["params"] = params
+    return variables
+
+
+def _split(tree):
+    params, dora, cache = {}, {}, {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            p, d, c = _split(value)
+            if p:
+                params[key] = p
+            if d:
+                dora[key] = d
+            if c:
+                cache[key] = c
+        elif key == RESERVED_PREFIX + CACHE:
+            cache[CACHE] = value
+        elif key.startswith(RESERVED_PREFIX) and key[len(RESERVED_PREFIX) :] in ADAPTERS:
+            dora[key[len(RESERVED_PREFIX) :]] = value
+        else:
+            params[key] = value
+    return params, dora, cache
+
+
+def _prefix_leaves(tree):
+    return {
+        k if isinstance(v, Mapping) else RESERVED_PREFIX + k: _prefix_leaves(v)
+        if isinstance(v, Mapping)
+        else v
+        for k, v in tree.items()
+    }
+
+
+def _merge_trees(a: Mapping, b: Mapping) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Whole-model helpers: magnitudes from loaded weights, and merging.
 
 
 def recompute_magnitudes(
@@ -430,7 +854,8 @@ def recompute_magnitudes(
     Pretrained weights usually arrive after ``init``: load them into
     ``variables["params"]``, then call this with the same example inputs as ``init``.
     The magnitudes become ``||W0 + s*A@B||_c`` of the loaded ``W0`` and the current
-    adapters (PEFT's initialisation), so with ``B = 0`` the layer equals the base.
+    adapters (PEFT's initialisation), so with ``B = 0`` the model equals the base.
+    Works for models built from DoRA layers and for :func:`wrap`\\ ped models.
 
     Returns:
       a new variables dict; ``lora_a`` and ``lora_b`` are kept.
@@ -438,8 +863,29 @@ def recompute_magnitudes(
     kept = dict(variables)
     kept.pop(DORA_CACHE, None)
     kept[DORA] = _drop_leaves(variables.get(DORA, {}), "magnitude")
-    _, updates = module.apply(kept, *args, mutable=[DORA, DORA_CACHE], **kwargs)
+    _, updates = module.apply(kept, *args, mutable=[DORA, DORA_CACHE, "params"], **kwargs)
     return {**kept, **updates}
+
+
+def merge_params(
+    module: nn.Module, variables: Mapping[str, Any], *args, **kwargs
+) -> dict[str, Any]:
+    """Fold every adapter into its kernel: plain params for the unadapted model.
+
+    ``W' = m / ||W0 + s*A@B||_c * (W0 + s*A@B)`` per layer, in float32, cast once to
+    the kernel's dtype. Runs the model once on the example inputs ``args`` (any batch
+    size) to visit every adapted layer, scanned layers included.
+
+    Returns:
+      ``params`` for the unwrapped model (or the plain Flax layers the DoRA layers
+      extend), e.g. ``model.apply({"params": merge_params(wrapped, variables, x)}, x)``.
+    """
+    token = _merging.set(True)
+    try:
+        _, updates = module.apply(variables, *args, mutable=["params"], **kwargs)
+    finally:
+        _merging.reset(token)
+    return updates["params"]
 
 
 def _drop_leaves(tree: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -469,3 +915,17 @@ def _flat_init(init, n_batch: int, n_in: int, n_out: int):
         return jnp.reshape(init(key, flat, dtype), shape)
 
     return wrapped
+
+
+__all__ = [
+    "DoRAConv",
+    "DoRADense",
+    "DoRADenseGeneral",
+    "DoRAEinsum",
+    "DoRAEmbed",
+    "DoRAMixin",
+    "DoRAModel",
+    "merge_params",
+    "recompute_magnitudes",
+    "wrap",
+]

@@ -101,7 +101,7 @@ class DoRAMixin:
         self.use_dora, self.detach_norm, self.eps = use_dora, detach_norm, eps
         self.scale = ops.scaling(rank, alpha, rslora)
         a_shape, b_shape, _ = layout.lora_shapes(kernel.shape, rank)
-        a_init = lora_a_init or self.default_lora_a_init or dora_linen._kaiming_uniform(layout)
+        a_init = lora_a_init or self.default_lora_a_init or dora_linen.kaiming_uniform(layout)
         b_init = lora_b_init or self.default_lora_b_init
         self.lora_a = DoRAParam(a_init(rngs.params(), a_shape, adapter_dtype))
         self.lora_b = DoRAParam(b_init(rngs.params(), b_shape, adapter_dtype))

@@ -408,6 +408,7 @@ def adapter_forward(
     apply_lora_b: Callable[[Array, Array], Array],
     to_output: Callable[[Array], Array],
     layout: Layout,
+    apply_lora_a: Callable[[Array, Array], Array] | None = None,
     scale: float,
     x_dropped: Array | None = None,
     detach_norm: bool = True,
@@ -423,11 +424,12 @@ def adapter_forward(
       x: the layer input.
       kernel: frozen ``W0``.
       lora_a, lora_b, magnitude: adapters in canonical order (``magnitude=None``: LoRA).
-      apply_kernel: ``(x, k) -> y`` the layer's linear map for any kernel ``k`` of the
-        layer's input block, e.g. ``x @ k``; applied to ``W0`` and to ``A``.
+      apply_kernel: ``(x, k) -> y`` the layer's linear map, e.g. ``x @ k``; applied to
+        ``W0``, and to ``A`` unless ``apply_lora_a`` is given.
       apply_lora_b: ``(x @ A, B) -> lora_out`` contracting the rank axis.
       to_output: reshapes ``(*batch, *out)`` values to broadcast against the output.
       layout, scale: the kernel's :class:`Layout` and the LoRA scaling.
+      apply_lora_a: ``(x, A) -> x @ A`` when ``A`` needs another map than ``W0``.
       x_dropped: the dropped-out input in training with dropout, else ``None``.
       detach_norm: constant-C gradient (default) or the exact gradient.
       base_norm_sq: cached ``||W0||_c^2`` (see :func:`column_norm_sq`).
@@ -437,7 +439,7 @@ def adapter_forward(
     """
     base_out = apply_kernel(x, kernel)
     xd = x if x_dropped is None else x_dropped
-    lora_out = apply_lora_b(apply_kernel(xd, lora_a), lora_b)
+    lora_out = apply_lora_b((apply_lora_a or apply_kernel)(xd, lora_a), lora_b)
     g = None
     if magnitude is not None:
         norm = dora_norm(kernel, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps)
