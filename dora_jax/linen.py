@@ -401,13 +401,30 @@ def conv_call(module: nn.Conv, inputs: Array, adapter: Adapter) -> Array:
     return _add_bias(y, bias)
 
 
-def einsum_call(
-    module: nn.Einsum, inputs: Array, einsum_str: str | None, adapter: Adapter
-) -> Array:
-    equation = nn.merge_param("einsum_str", module.einsum_str, einsum_str).replace(" ", "")
+@dataclasses.dataclass(frozen=True)
+class EinsumMaps:
+    """The linear maps of an adapted einsum ``lhs,rhs->out`` with kernel ``rhs``.
+
+    ``A`` replaces the kernel's output axes by a rank axis ``r`` and ``B`` maps ``r`` to
+    them: ``lhs,{batch}{in}r->{rest}r`` then ``{rest}r,{batch}r{out}->out``.
+    """
+
+    layout: ops.Layout
+    apply_kernel: Callable[[Array, Array], Array]
+    apply_lora_a: Callable[[Array, Array], Array]
+    apply_lora_b: Callable[[Array, Array], Array]
+    to_output: Callable[[Array], Array]
+    bias_shape: tuple[int, ...]
+    bias_broadcast: tuple[int, ...]
+
+
+def einsum_maps(
+    equation: str, kernel_shape: Sequence[int], module: Any, copy: Sequence[str] | None = None
+) -> EinsumMaps:
+    """Build :class:`EinsumMaps` from Flax's ``nn.Einsum`` with ``module``'s settings."""
     layout = ops.einsum_layout(equation)
-    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
-    lhs, rhs, out = _einsum_parts(equation)
+    operands, out = equation.split("->")
+    lhs, rhs = operands.split(",")
     pick = lambda axes: "".join(rhs[a] for a in axes)  # noqa: E731
     batch, contracted, produced = (
         pick(a) for a in (layout.batch_axes, layout.in_axes, layout.out_axes)
@@ -417,34 +434,45 @@ def einsum_call(
 
     def einsum_map(equation):
         return lambda x, k: plain_layer(
-            nn.Einsum, module, shape=k.shape, einsum_str=equation
+            nn.Einsum, module, copy, shape=k.shape, einsum_str=equation
         ).apply({"params": {"kernel": k}}, x)
 
     # (*batch, *out) values -> the output's axis order, size 1 on the input's own axes.
-    order = [c for c in out if c in batch + produced]
-    perm = [(batch + produced).index(c) for c in order]
-    broadcast = tuple(kernel.shape[rhs.index(c)] if c in rhs else 1 for c in out)
-    to_output = lambda v: jnp.reshape(jnp.transpose(v, perm), broadcast)  # noqa: E731
+    perm = [(batch + produced).index(c) for c in out if c in batch + produced]
+    broadcast = tuple(kernel_shape[rhs.index(c)] if c in rhs else 1 for c in out)
+    return EinsumMaps(
+        layout=layout,
+        apply_kernel=einsum_map(equation),
+        apply_lora_a=einsum_map(f"{lhs},{batch}{contracted}{r}->{xa_out}"),
+        apply_lora_b=einsum_map(f"{xa_out},{batch}{r}{produced}->{out}"),
+        to_output=lambda v: jnp.reshape(jnp.transpose(v, perm), broadcast),
+        bias_shape=tuple(kernel_shape[rhs.index(c)] for c in out if c in rhs),
+        bias_broadcast=broadcast,
+    )
+
+
+def einsum_call(
+    module: nn.Einsum, inputs: Array, einsum_str: str | None, adapter: Adapter
+) -> Array:
+    equation = nn.merge_param("einsum_str", module.einsum_str, einsum_str).replace(" ", "")
+    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    try:
+        maps = einsum_maps(equation, kernel.shape, module)
+    except ValueError as error:
+        raise ValueError(f"{describe(module)}: {error}") from None
     bias = None
     if module.use_bias:
-        bias_shape = tuple(kernel.shape[rhs.index(c)] for c in out if c in rhs)
-        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+        bias = module.param("bias", module.bias_init, maps.bias_shape, module.param_dtype)
     y = adapter(
         inputs,
         kernel,
-        layout,
-        einsum_map(equation),
-        einsum_map(f"{xa_out},{batch}{r}{produced}->{out}"),
-        to_output,
-        apply_lora_a=einsum_map(f"{lhs},{batch}{contracted}{r}->{xa_out}"),
+        maps.layout,
+        maps.apply_kernel,
+        maps.apply_lora_b,
+        maps.to_output,
+        apply_lora_a=maps.apply_lora_a,
     )
-    return y if bias is None else y + jnp.reshape(bias, broadcast).astype(y.dtype)
-
-
-def _einsum_parts(equation: str) -> tuple[str, str, str]:
-    operands, out = equation.split("->")
-    lhs, rhs = operands.split(",")
-    return lhs, rhs, out
+    return y if bias is None else y + jnp.reshape(bias, maps.bias_broadcast).astype(y.dtype)
 
 
 def embed_call(module: nn.Embed, inputs: Array, adapter: Adapter, adapters) -> Array:

@@ -19,6 +19,7 @@ DoRA layer with the same weights compute the same numbers; the math is
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from flax import nnx
 
 from dora_jax import linen as dora_linen
 from dora_jax import ops
+from dora_jax.config import DoRAConfig
 
 Array = jax.Array
 
@@ -145,6 +147,7 @@ class DoRAMixin:
         apply_kernel: Callable[[Array, Array], Array],
         apply_lora_b: Callable[[Array, Array], Array],
         to_output: Callable[[Array], Array] = lambda v: v,
+        apply_lora_a: Callable[[Array, Array], Array] | None = None,
     ) -> Array:
         kernel = getattr(self, self.kernel_name)[...]
         lora_a, lora_b = self.lora_a[...], self.lora_b[...]
@@ -165,6 +168,7 @@ class DoRAMixin:
             magnitude,
             apply_kernel=apply_kernel,
             apply_lora_b=apply_lora_b,
+            apply_lora_a=apply_lora_a,
             to_output=to_output,
             layout=self.layout,
             scale=self.scale,
@@ -173,6 +177,21 @@ class DoRAMixin:
             base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
             eps=self.eps,
         )
+
+    def merged(self) -> nnx.Module:
+        """The plain Flax layer with the adapters folded into its kernel."""
+        kernel = getattr(self, self.kernel_name)
+        magnitude = self.magnitude[...] if self.use_dora else None
+        value = ops.merge(
+            kernel[...],
+            self.lora_a[...],
+            self.lora_b[...],
+            magnitude,
+            self.scale,
+            self.layout,
+            eps=self.eps,
+        )
+        return _rebuild(_flax_class(type(self)), self, nnx.Rngs(0), {self.kernel_name: value})
 
     @classmethod
     def from_module(cls, base: nnx.Module, *, rngs: nnx.Rngs, **dora_kwargs):
@@ -183,7 +202,7 @@ class DoRAMixin:
           rngs: for the adapters' initialisation.
           **dora_kwargs: DoRA arguments (``rank``, ``alpha``, ...).
         """
-        flax_cls = next(c for c in cls.__mro__ if c.__module__.startswith("flax."))
+        flax_cls = _flax_class(cls)
         if not isinstance(base, flax_cls):
             raise TypeError(
                 f"{cls.__name__}.from_module needs an {flax_cls.__name__}; "
@@ -192,18 +211,36 @@ class DoRAMixin:
         unknown = set(dora_kwargs) - set(_DORA_ARGS)
         if unknown:
             raise TypeError(f"{cls.__name__}.from_module got unknown arguments {sorted(unknown)}.")
-        signature = inspect.signature(flax_cls.__init__).parameters
-        settings = {n: getattr(base, n) for n in signature if n != "self" and hasattr(base, n)}
-        # The new layer's parameters start as the base's: no throwaway random init.
-        for name in ("kernel", "bias", "embedding"):
-            if f"{name}_init" in signature and getattr(base, name, None) is not None:
-                value = getattr(base, name)[...]
-                settings[f"{name}_init"] = lambda *_, value=value: value
-        layer = cls(**settings, **dora_kwargs, rngs=rngs)
-        for name in ("kernel", "bias", "embedding"):
-            if getattr(base, name, None) is not None:
-                setattr(layer, name, getattr(base, name))  # keep the variable and its metadata
-        return layer
+        return _rebuild(cls, base, rngs, {}, **dora_kwargs)
+
+
+def _flax_class(cls: type) -> type:
+    """The Flax layer a DoRA layer class extends (``DoRALinear`` -> ``nnx.Linear``)."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith("flax."))
+
+
+_WEIGHTS = ("kernel", "bias", "embedding")
+
+
+def _rebuild(cls: type, base: nnx.Module, rngs: nnx.Rngs, values: dict, **kwargs):
+    """A ``cls`` with ``base``'s settings whose weights are ``base``'s (or ``values``).
+
+    Weights not in ``values`` keep ``base``'s variable objects (and their metadata,
+    such as sharding); no throwaway random init is drawn.
+    """
+    flax_cls = _flax_class(cls)
+    signature = inspect.signature(flax_cls.__init__).parameters
+    settings = {n: getattr(base, n) for n in signature if n != "self" and hasattr(base, n)}
+    present = [n for n in _WEIGHTS if getattr(base, n, None) is not None]
+    for name in present:
+        value = values.get(name, getattr(base, name)[...])
+        if f"{name}_init" in signature:
+            settings[f"{name}_init"] = lambda *_, value=value: value
+    layer = cls(**settings, **kwargs, rngs=rngs)
+    for name in present:
+        if name not in values:
+            setattr(layer, name, getattr(base, name))
+    return layer
 
 
 def _split_dora_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -317,6 +354,37 @@ class DoRAConv(DoRAMixin, nnx.Conv):
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
+class DoRAEinsum(DoRAMixin, nnx.Einsum):
+    """``nnx.Einsum`` with a DoRA adapter.
+
+    Kernel axes split into batch, input (contracted) and output axes
+    (:func:`dora_jax.ops.einsum_layout`); ``lora_a (*batch, *in, r)``,
+    ``lora_b (*batch, r, *out)``, ``magnitude (*batch, *out)``. The equation is fixed at
+    construction.
+    """
+
+    def __init__(self, einsum_str: str, kernel_shape, bias_shape=None, *, rngs, **kwargs):
+        dora, einsum = _split_dora_kwargs(kwargs)
+        super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **einsum)
+        self._init_adapters(ops.einsum_layout(self.einsum_str), rngs=rngs, **dora)
+
+    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+        maps = dora_linen.einsum_maps(
+            self.einsum_str, self.kernel.shape, self, copy=("dtype", "precision")
+        )
+        y = self._adapt(
+            inputs,
+            deterministic,
+            maps.apply_kernel,
+            maps.apply_lora_b,
+            maps.to_output,
+            apply_lora_a=maps.apply_lora_a,
+        )
+        if self.bias is None:
+            return y
+        return y + jnp.reshape(self.bias[...], maps.bias_broadcast).astype(y.dtype)
+
+
 class DoRAEmbed(DoRAMixin, nnx.Embed):
     """``nnx.Embed`` with a DoRA adapter.
 
@@ -360,3 +428,99 @@ class DoRAEmbed(DoRAMixin, nnx.Embed):
             base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
             eps=self.eps,
         )
+
+
+# --------------------------------------------------------------------------------------
+# Surgery on unmodified NNX models.
+
+
+class SavedParam(nnx.LoRAParam):
+    """A base parameter trained in full (``DoRAConfig.modules_to_save``).
+
+    An ``nnx.LoRAParam``, so the one filter ``nnx.LoRAParam`` selects everything that
+    trains: the adapters and the saved modules.
+    """
+
+
+DORA_CLASSES: dict[type, type] = {
+    nnx.Linear: DoRALinear,
+    nnx.LinearGeneral: DoRALinearGeneral,
+    nnx.Einsum: DoRAEinsum,
+    nnx.Conv: DoRAConv,
+    nnx.Embed: DoRAEmbed,
+}
+
+
+def apply_dora(model: nnx.Module, config: DoRAConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Put DoRA into an NNX model, in place; return it.
+
+    Every ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` whose
+    path ``config`` selects becomes its DoRA counterpart, keeping the pretrained kernel
+    and bias variables; the parameters of ``modules_to_save`` become
+    :class:`SavedParam`. Afterwards ``nnx.LoRAParam`` filters exactly the trainable
+    variables.
+
+    Raises:
+      ValueError: if ``targets`` match no adaptable layer (listing the ones that exist,
+        closest first), match a module of another kind, or ask a layer for a rank it
+        cannot have.
+    """
+    if not isinstance(config, DoRAConfig):
+        raise TypeError(f"apply_dora needs a DoRAConfig; got {type(config).__name__}.")
+    modules = [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and p]
+    paths, adaptable, chosen = [], [], []
+    for path, module in modules:
+        name = "/".join(str(p) for p in path)
+        paths.append(name)
+        if isinstance(module, DoRAMixin):
+            continue
+        if type(module) in DORA_CLASSES:
+            adaptable.append(name)
+        if config.is_target(name):
+            if type(module) not in DORA_CLASSES:
+                raise ValueError(
+                    f"DoRAConfig targets match {name!r}, a {type(module).__module__}."
+                    f"{type(module).__name__}; DoRA adapts nnx.Linear, nnx.LinearGeneral, "
+                    f"nnx.Einsum, nnx.Conv and nnx.Embed. Narrow `targets` or add {name!r} "
+                    f"to `exclude`."
+                )
+            chosen.append((path, name, module))
+        elif config.is_saved(name):
+            for variable_path, variable in nnx.iter_graph(module):
+                if type(variable) is nnx.Param:
+                    _replace(module, variable_path, SavedParam(variable[...]))
+    if not chosen:
+        config.check_matched(paths, adaptable)
+    for path, name, module in chosen:
+        settings = dataclasses.asdict(config.settings(name))
+        try:
+            layer = DORA_CLASSES[type(module)].from_module(module, rngs=rngs, **settings)
+        except ValueError as error:
+            raise ValueError(f"{name!r}: {error}") from None
+        _replace(model, path, layer)
+    return model
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """Fold every DoRA layer into its plain Flax layer, in place; return the model.
+
+    ``W' = m / ||W0 + s*A@B||_c * (W0 + s*A@B)`` in float32, cast once to the kernel's
+    dtype; :class:`SavedParam` variables become ``nnx.Param`` again. The result has the
+    unadapted model's structure and runs at its speed.
+    """
+    for path, module in list(nnx.iter_graph(model)):
+        if isinstance(module, DoRAMixin):
+            _replace(model, path, module.merged())
+        elif isinstance(module, SavedParam):
+            _replace(model, path, nnx.Param(module[...]))
+    return model
+
+
+def _replace(root: Any, path: tuple, value: Any) -> None:
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)

@@ -136,10 +136,10 @@ def einsum_layout(equation: str) -> Layout:
     batch = tuple(i for i, c in enumerate(rhs) if c in lhs and c in out)
     contracted = tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
     produced = tuple(i for i, c in enumerate(rhs) if c not in lhs and c in out)
-    if len(batch) + len(contracted) + len(produced) != len(rhs):
+    if len(batch) + len(contracted) + len(produced) != len(rhs) or not contracted or not produced:
         raise ValueError(
-            f"every kernel axis of {equation!r} must be contracted with the input or "
-            f"appear in the output."
+            f"einsum {equation!r}: DoRA needs a kernel whose every axis is contracted with "
+            f"the input or appears in the output, with at least one of each kind."
         )
     return Layout(batch_axes=batch, in_axes=contracted, out_axes=produced)
 
