@@ -11,7 +11,7 @@ The math lives once in :mod:`dora_jax.ops`; everything else is a thin front end:
 * :class:`DoRAConfig`: which layers to adapt, and how.
 """
 
-from dora_jax import linen, nnx, ops
+from dora_jax import linen, nnx, ops, summary
 from dora_jax.config import DoRAConfig, LayerSettings
 from dora_jax.linen import (
     DoRAConv,
@@ -38,4 +38,5 @@ __all__ = [
     "nnx",
     "ops",
     "recompute_magnitudes",
+    "summary",
 ]

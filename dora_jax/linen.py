@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax import ops
+from dora_jax import summary as dora_summary
 from dora_jax.config import DoRAConfig, LayerSettings
 
 Array = jax.Array
@@ -957,3 +958,13 @@ __all__ = [
     "recompute_magnitudes",
     "wrap",
 ]
+
+
+def summary(variables: Mapping[str, Any], config: DoRAConfig | None = None):
+    """Adapted layers, ``modules_to_save`` and trainable / total parameter counts.
+
+    ``print(summary(variables, config))`` prints a table like PEFT's
+    ``print_trainable_parameters``; the :class:`dora_jax.summary.Summary` it returns
+    holds the numbers.
+    """
+    return dora_summary.from_linen_variables(variables, config)

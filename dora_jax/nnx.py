@@ -31,6 +31,7 @@ from flax import nnx
 
 from dora_jax import linen as dora_linen
 from dora_jax import ops
+from dora_jax import summary as dora_summary
 from dora_jax.config import DoRAConfig
 
 Array = jax.Array
@@ -524,3 +525,32 @@ def _replace(root: Any, path: tuple, value: Any) -> None:
         parent[path[-1]] = value
     else:
         setattr(parent, path[-1], value)
+
+
+def summary(model: nnx.Module):
+    """Adapted layers, saved modules and trainable / total counts of an NNX model.
+
+    ``print(summary(model))`` prints a table like PEFT's ``print_trainable_parameters``.
+    Trainable means ``nnx.LoRAParam`` (adapters and :class:`SavedParam`).
+    """
+    layers, saved = [], {}
+    for path, node in nnx.iter_graph(model):
+        name = "/".join(str(p) for p in path)
+        if isinstance(node, DoRAMixin):
+            magnitude = node.magnitude if node.use_dora else None
+            layers.append(
+                dora_summary.AdaptedLayer(
+                    path=name,
+                    kernel_shape=tuple(getattr(node, node.kernel_name).shape),
+                    lora_a_shape=tuple(node.lora_a.shape),
+                    lora_b_shape=tuple(node.lora_b.shape),
+                    magnitude_shape=None if magnitude is None else tuple(magnitude.shape),
+                )
+            )
+        elif isinstance(node, SavedParam):
+            module = "/".join(str(p) for p in path[:-1])
+            saved[module] = saved.get(module, 0) + node.size
+    count = lambda f: sum(v.size for v in jax.tree.leaves(nnx.state(model, f)))  # noqa: E731
+    return dora_summary.Summary(
+        tuple(layers), tuple(saved.items()), count(nnx.LoRAParam), count(nnx.Param)
+    )
