@@ -318,14 +318,19 @@ def default_inits(embedding: bool = False):
 # Each Flax layer's parameters, created exactly as Flax does, then the adapted forward.
 
 
+def _kernel_param(module: nn.Module, init, shape, name: str = "kernel") -> Array:
+    """``module.param(name, ...)``, refusing a non-float kernel before initialising it."""
+    if not module.has_variable("params", name):
+        ops.check_kernel(jax.ShapeDtypeStruct(tuple(shape), module.param_dtype), describe(module))
+    return module.param(name, init, tuple(shape), module.param_dtype)
+
+
 def _add_bias(y: Array, bias: Array | None, to_output=_identity) -> Array:
     return y if bias is None else y + to_output(bias).astype(y.dtype)
 
 
 def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
-    kernel = module.param(
-        "kernel", module.kernel_init, (jnp.shape(inputs)[-1], module.features), module.param_dtype
-    )
+    kernel = _kernel_param(module, module.kernel_init, (jnp.shape(inputs)[-1], module.features))
     bias = None
     if module.use_bias:
         bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
@@ -347,11 +352,10 @@ def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: Adapter)
     n_batch, n_in, n_out = len(batch_dims), len(axis), len(features)
     batch_shape = tuple(inputs.shape[ax] for ax in batch_dims)
     in_shape = tuple(inputs.shape[ax] for ax in axis)
-    kernel = module.param(
-        "kernel",
+    kernel = _kernel_param(
+        module,
         _flat_init(module.kernel_init, n_batch, n_in, n_out),
         batch_shape + in_shape + features,
-        module.param_dtype,
     )
     bias = None
     if module.use_bias:
@@ -388,7 +392,7 @@ def conv_call(module: nn.Conv, inputs: Array, adapter: Adapter) -> Array:
             f"mask={'set' if module.mask is not None else None}."
         )
     kernel_shape = (*kernel_size, jnp.shape(inputs)[-1], module.features)
-    kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+    kernel = _kernel_param(module, module.kernel_init, kernel_shape)
     bias = None
     if module.use_bias:
         bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
@@ -456,7 +460,7 @@ def einsum_call(
     module: nn.Einsum, inputs: Array, einsum_str: str | None, adapter: Adapter
 ) -> Array:
     equation = nn.merge_param("einsum_str", module.einsum_str, einsum_str).replace(" ", "")
-    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    kernel = _kernel_param(module, module.kernel_init, module.shape)
     try:
         maps = einsum_maps(equation, kernel.shape, module)
     except ValueError as error:
@@ -653,7 +657,8 @@ class DoRAEmbed(DoRAMixin, nn.Embed):
     is_embedding = True
 
     def setup(self):
-        super().setup()
+        shape = (self.num_embeddings, self.features)
+        self.embedding = _kernel_param(self, self.embedding_init, shape, name="embedding")
         self.adapters = self._adapter().variables(self.embedding, ops.dense_layout())
 
     def __call__(self, inputs: Array) -> Array:
