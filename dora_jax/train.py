@@ -3,7 +3,7 @@
 The variables split into two trees::
 
     trainable = {"dora": adapters, "params": modules_to_save params}   differentiated
-    frozen    = everything else (the base W0, biases, dora_cache ...)  closed over
+    frozen    = everything else (the base W0, biases, dora_cache ...)  not differentiated
 
 The step takes the gradient with respect to ``trainable`` only, so no gradient of
 ``W0`` is ever formed and the optimizer holds state for the adapters alone. For users
@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dora_jax.config import DoRAConfig
-from dora_jax.linen import DORA
+from dora_jax.linen import DORA, DORA_CACHE
 
 PyTree = Any
 
@@ -198,7 +198,6 @@ def make_train_step(
     *,
     accumulation_steps: int = 1,
     learning_rate: float | optax.Schedule | None = None,
-    compute_dtype: Any = None,
     axis_name: str | None = None,
 ) -> Callable[[TrainState, PyTree, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """The training step ``(state, frozen, batch) -> (state, metrics)``, not yet compiled.
@@ -213,8 +212,6 @@ def make_train_step(
       accumulation_steps: split the batch's leading axis into this many micro-batches
         and average their gradients before one update.
       learning_rate: reported in the metrics (a float or the optimizer's schedule).
-      compute_dtype: cast the frozen base's floating leaves to this dtype (e.g.
-        ``jnp.bfloat16``) inside the step; adapters stay in their own dtype (float32).
       axis_name: the ``pmap`` axis to average gradients over.
     Returns:
       ``step``; ``metrics`` has ``loss``, ``grad_norm`` and ``learning_rate``.
@@ -228,11 +225,6 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_of)
 
     def step(state: TrainState, frozen: PyTree, batch: Any):
-        if compute_dtype is not None:
-            frozen = jax.tree.map(
-                lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                frozen,
-            )
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -266,6 +258,22 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def cast_frozen(frozen: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+    """The frozen base in ``dtype`` (e.g. ``jnp.bfloat16``) for low-precision compute.
+
+    Cast once, before training: every step then reads the base in ``dtype`` while the
+    adapters (and ``g``) stay float32. The ``dora_cache`` norms stay float32.
+    """
+    return {
+        collection: tree
+        if collection == DORA_CACHE
+        else jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+        )
+        for collection, tree in frozen.items()
+    }
 
 
 def _split_leading(k: int):

@@ -148,14 +148,15 @@ def test_bfloat16_compute_keeps_float32_adapters():
     _, wrapped, config, params, variables, batch = _problem()
     trainable, frozen = train.partition(variables, config)
     optimizer = train.adamw(1e-2)
-    step = train.jit_step(
-        train.make_train_step(
-            train.linen_forward(wrapped), _mse, optimizer, compute_dtype=jnp.bfloat16
-        )
-    )
-    state, metrics = step(train.init_state(trainable, optimizer), frozen, batch)
+    step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
+    low = train.cast_frozen(frozen, jnp.bfloat16)
+    assert low["params"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert low["dora_cache"]["fc1"]["base_norm_sq"].dtype == jnp.float32
+    state, metrics = step(train.init_state(trainable, optimizer), low, batch)
+    reference, _ = step(train.init_state(trainable, optimizer), frozen, batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.trainable))
     assert np.isfinite(float(metrics["loss"]))
+    assert _max_rel(state.trainable, reference.trainable) < 2e-2
 
 
 def test_step_holds_no_base_sized_gradient():

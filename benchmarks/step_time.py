@@ -1,0 +1,461 @@
+"""Training step time and XLA temp memory: DoRA against LoRA (and a materialised DoRA).
+
+Run: ``python benchmarks/step_time.py`` (a few minutes on a 2-core CPU).
+
+The model is a stack of square layers ``x -> tanh(layer(x))`` with the loss
+``mean(y ** 2)``; every variant takes one jit-compiled AdamW step whose gradient is taken
+only with respect to the trainable ``"dora"`` collection (the frozen ``"params"`` and the
+``"dora_cache"`` are ordinary, non-differentiated arguments), and donates the trainable
+state and the optimizer state. Variants:
+
+* ``lora``: ``dora_jax.DoRADense(..., use_dora=False)``, the same code without magnitude;
+* ``dora``: ``dora_jax.DoRADense(..., use_dora=True)``, the library's factored norm with
+  the cached ``||W0||_c^2``;
+* ``materialised``: a reference written here that forms
+  ``W' = m * (W0 + s*A@B) / stop_gradient(||W0 + s*A@B||_c)`` and computes ``x @ W'``,
+  what a direct port of PEFT does.
+
+Prototypes, only with ``--variants`` (not library code, kept to measure ideas from
+DESIGN.md section 3 before anyone changes the library):
+
+* ``dora-nocache``: the library layer without the ``"dora_cache"`` collection, so
+  ``||W0||_c^2`` is recomputed every step;
+* ``dora-fused``: the factored norm, but ``x @ W0`` and ``A^T @ W0`` as one product of
+  ``concat([x, A^T])`` with ``W0`` (``W0`` read once), under a ``custom_vjp`` whose
+  exact backward pass is written block by block, so that XLA keeps only ``dy @ W0^T``;
+* ``dora-concat``: the same stacked product with plain autodiff (no ``custom_vjp``): the
+  backward pass then also multiplies ``r`` padded rows of zeros by ``W0^T``;
+* ``magnitude-only``: a diagnostic, not DoRA: the magnitude scaling with the norm frozen
+  at ``||W0||_c`` (no ``A^T @ W0``), i.e. what the magnitude's elementwise work and
+  saved activation cost on their own, so the part of DoRA's overhead due to the norm is
+  the difference to ``dora``.
+
+Step times are medians over interleaved rounds (every round runs each variant a few
+steps, in a rotating order, so background load hits all of them alike). A second table
+gives, per variant, the fastest step, the median over rounds of the ratio to LoRA in the
+same round (paired), and the ratio of median process CPU time per step, which is far
+less sensitive than wall time to other processes competing for the cores. Temp memory is
+``compiled.memory_analysis().temp_size_in_bytes``, exact and repeatable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dora_jax
+from dora_jax import ops
+
+SHAPES = ((1024, 4, 512), (2048, 4, 256), (4096, 2, 128))
+RANK = 16
+ALPHA = 16.0
+MAIN_VARIANTS = ("lora", "dora", "materialised")
+EXTRA_VARIANTS = ("dora-nocache", "dora-fused", "dora-concat", "magnitude-only")
+
+
+class MLP(nn.Module):
+    """``layers`` square ``DoRADense`` layers, each followed by ``tanh``."""
+
+    width: int
+    layers: int
+    use_dora: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            layer = dora_jax.DoRADense(
+                self.width,
+                rank=RANK,
+                alpha=ALPHA,
+                use_dora=self.use_dora,
+                # B = 0 (the default) would make the DoRA / materialised check below
+                # trivial in A; values do not change the timing.
+                lora_b_init=nn.initializers.normal(0.02),
+                name=f"layer_{i}",
+            )
+            x = jnp.tanh(layer(x))
+        return x
+
+
+# ----- reference and prototype layers: functions of one layer's variables ---------------
+
+
+def materialised_layer(x, params, dora, cache):
+    """A direct port of PEFT: form ``W'`` and multiply by it."""
+    del cache
+    scale = ops.scaling(RANK, ALPHA)
+    direction = params["kernel"] + scale * dora["lora_a"] @ dora["lora_b"]
+    norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(direction * direction, axis=0)))
+    return x @ (dora["magnitude"] * direction / norm) + params["bias"]
+
+
+@jax.custom_vjp
+def _base_and_a_t_w(x, lora_a, kernel):
+    """``(x @ W0, A^T @ W0)`` as one product ``concat([x, A^T]) @ W0`` (``x`` is 2-d)."""
+    stacked = jnp.concatenate([x, lora_a.T.astype(x.dtype)], axis=0) @ kernel
+    return stacked[: x.shape[0]], stacked[x.shape[0] :]
+
+
+def _base_and_a_t_w_fwd(x, lora_a, kernel):
+    return _base_and_a_t_w(x, lora_a, kernel), (x, lora_a, kernel)
+
+
+def _base_and_a_t_w_bwd(res, cotangents):
+    # The exact VJP, written per block so that each part is a separate product: with the
+    # norm detached the A^T @ W0 cotangent is zero and A is stop_gradient'ed, and the
+    # frozen kernel gets no gradient, so XLA removes everything but dy @ W0^T (autodiff
+    # through the concatenation instead multiplies r padded zero rows by W0^T too).
+    x, lora_a, kernel = res
+    d_base, d_a_t_w = cotangents
+    d_x = d_base @ kernel.T
+    d_lora_a = (d_a_t_w @ kernel.T).T.astype(lora_a.dtype)
+    d_kernel = x.T @ d_base + lora_a.astype(x.dtype) @ d_a_t_w
+    return d_x, d_lora_a, d_kernel.astype(kernel.dtype)
+
+
+_base_and_a_t_w.defvjp(_base_and_a_t_w_fwd, _base_and_a_t_w_bwd)
+
+
+def _stacked_base_and_a_t_w(x, lora_a, kernel):
+    a_t = lora_a.T.astype(x.dtype)
+    stacked = jnp.concatenate([x, a_t], axis=0) @ kernel
+    return stacked[: x.shape[0]], stacked[x.shape[0] :]
+
+
+def _factored_layer(x, params, dora, cache, base_and_a_t_w):
+    """Factored DoRA, detached norm, with ``(x @ W0, A^T @ W0)`` from ``base_and_a_t_w``."""
+    scale = ops.scaling(RANK, ALPHA)
+    a, b, m = dora["lora_a"], dora["lora_b"], dora["magnitude"]
+    base_out, a_t_w = base_and_a_t_w(x, jax.lax.stop_gradient(a), params["kernel"])
+    cross = jnp.sum(b * a_t_w, axis=0)
+    quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)
+    norm = ops.safe_sqrt(cache["base_norm_sq"] + 2.0 * scale * cross + scale * scale * quad)
+    g = m / jax.lax.stop_gradient(norm)
+    return g * (base_out + scale * ((x @ a) @ b)) + params["bias"]
+
+
+def _base_only(x, lora_a, kernel):
+    return x @ kernel, jnp.zeros((lora_a.shape[-1], kernel.shape[-1]), x.dtype)
+
+
+fused_layer = functools.partial(_factored_layer, base_and_a_t_w=_base_and_a_t_w)
+concat_layer = functools.partial(_factored_layer, base_and_a_t_w=_stacked_base_and_a_t_w)
+magnitude_only_layer = functools.partial(_factored_layer, base_and_a_t_w=_base_only)
+
+
+def functional_mlp(layer_fn):
+    def apply(variables, x):
+        layers = sorted(variables["params"], key=lambda name: int(name.split("_")[-1]))
+        cache = variables.get("dora_cache", {})
+        for name in layers:
+            x = jnp.tanh(
+                layer_fn(x, variables["params"][name], variables["dora"][name], cache.get(name))
+            )
+        return x
+
+    return apply
+
+
+# ----- variants ----------------------------------------------------------------------
+
+
+def make_variant(name: str, width: int, layers: int, x):
+    """``(apply, frozen, trainable)`` with ``apply(variables, x) -> y``."""
+    use_dora = name != "lora"
+    model = MLP(width, layers, use_dora=use_dora)
+    variables = model.init(jax.random.key(0), x)
+    frozen = {"params": variables["params"]}
+    if name in ("dora", "dora-fused", "dora-concat", "magnitude-only"):
+        frozen["dora_cache"] = variables["dora_cache"]
+    applies = {
+        "lora": model.apply,
+        "dora": model.apply,
+        "dora-nocache": model.apply,
+        "materialised": functional_mlp(materialised_layer),
+        "dora-fused": functional_mlp(fused_layer),
+        "dora-concat": functional_mlp(concat_layer),
+        "magnitude-only": functional_mlp(magnitude_only_layer),
+    }
+    return applies[name], frozen, variables["dora"]
+
+
+def make_step(apply: Callable, optimizer: optax.GradientTransformation):
+    def loss_fn(trainable, frozen, x):
+        return jnp.mean(apply({**frozen, "dora": trainable}, x) ** 2)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, frozen, x):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step, loss_fn
+
+
+class Runner:
+    """One variant's compiled step and its (donated, rolling) state."""
+
+    def __init__(self, name, width, layers, x, optimizer):
+        self.name = name
+        apply, self.frozen, trainable = make_variant(name, width, layers, x)
+        step, self.loss_fn = make_step(apply, optimizer)
+        self.x = x
+        self.grad_fn = jax.jit(jax.value_and_grad(self.loss_fn))
+        self.initial = trainable
+        # Copies: the step donates its inputs.
+        self.trainable = jax.tree.map(jnp.copy, trainable)
+        self.opt_state = optimizer.init(self.trainable)
+        t0 = time.perf_counter()
+        self.compiled = step.lower(self.trainable, self.opt_state, self.frozen, x).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
+        self.rounds: list[list[tuple[float, float]]] = []  # (wall s, CPU s) per step
+
+    def run(self, steps: int, record: bool = True) -> None:
+        times = []
+        for _ in range(steps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            self.trainable, self.opt_state, loss = self.compiled(
+                self.trainable, self.opt_state, self.frozen, self.x
+            )
+            jax.block_until_ready((self.trainable, self.opt_state, loss))
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        if record:
+            self.rounds.append(times)
+
+    def wall(self) -> list[float]:
+        return [w for r in self.rounds for w, _ in r]
+
+    def cpu(self) -> list[float]:
+        return [c for r in self.rounds for _, c in r]
+
+
+class Summary(NamedTuple):
+    median_ms: float
+    min_ms: float
+    paired_ratio: float  # median over rounds of (round median / LoRA's round median)
+    cpu_ms: float
+    cpu_ratio: float  # median CPU time over LoRA's
+    temp_bytes: int
+
+
+def summarise(runner: Runner, lora: Runner | None) -> Summary:
+    median = statistics.median
+    paired = cpu_ratio = float("nan")
+    if lora is not None:
+        paired = median(
+            median(w for w, _ in mine) / median(w for w, _ in base)
+            for mine, base in zip(runner.rounds, lora.rounds, strict=True)
+        )
+        cpu_ratio = median(runner.cpu()) / median(lora.cpu())
+    return Summary(
+        median_ms=1e3 * median(runner.wall()),
+        min_ms=1e3 * min(runner.wall()),
+        paired_ratio=paired,
+        cpu_ms=1e3 * median(runner.cpu()),
+        cpu_ratio=cpu_ratio,
+        temp_bytes=runner.temp_bytes,
+    )
+
+
+def check_against_reference(runners: dict[str, Runner]) -> str:
+    """Loss and gradients of every DoRA variant against the materialised reference."""
+    ref = runners.get("materialised")
+    if ref is None:
+        return "no reference"
+    ref_loss, ref_grads = ref.grad_fn(ref.initial, ref.frozen, ref.x)
+    worst = 0.0
+    for name, runner in runners.items():
+        if name in ("lora", "materialised", "magnitude-only"):
+            continue
+        loss, grads = runner.grad_fn(runner.initial, runner.frozen, runner.x)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, err_msg=name)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            scale = float(jnp.max(jnp.abs(want))) or 1.0
+            err = float(jnp.max(jnp.abs(got - want))) / scale
+            worst = max(worst, err)
+            if err > 1e-3:
+                raise AssertionError(f"{name}: gradient differs from the reference by {err:.2e}")
+    return f"gradients match the materialised reference (max rel. err {worst:.1e})"
+
+
+def measure_shape(width, layers, tokens, variants, repeats, steps_per_round, check):
+    x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
+    optimizer = optax.adamw(1e-3)
+    runners = {name: Runner(name, width, layers, x, optimizer) for name in variants}
+    compile_note = ", ".join(f"{n} {r.compile_s:.1f}s" for n, r in runners.items())
+    print(f"  compiled: {compile_note}", flush=True)
+    if check:
+        print(f"  check: {check_against_reference(runners)}", flush=True)
+    for runner in runners.values():
+        runner.run(2, record=False)
+    order = list(runners.values())
+    for round_index in range(repeats):
+        shift = round_index % len(order)
+        for runner in order[shift:] + order[:shift]:
+            runner.run(steps_per_round)
+    return {name: summarise(r, runners.get("lora")) for name, r in runners.items()}
+
+
+def stack_floor(layers: int, tokens: int) -> float:
+    """DESIGN.md's floor counted for this stack: the first layer needs no input gradient.
+
+    LoRA's big products are ``layers`` forward and ``layers - 1`` input-gradient
+    ``N x D x D`` products; exact DoRA adds ``layers`` products ``r x D x D``.
+    ``1 + r/(2N)`` is the limit for many layers.
+    """
+    return 1 + layers * RANK / ((2 * layers - 1) * tokens)
+
+
+def fmt_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def build_table(results, variants):
+    extra = [v for v in variants if v not in MAIN_VARIANTS]
+    head = [
+        "width",
+        "layers",
+        "tokens",
+        "LoRA ms",
+        "DoRA ms",
+        "DoRA/LoRA",
+        "materialised ms",
+        "materialised/LoRA",
+    ]
+    for name in extra:
+        head += [f"{name} ms", f"{name}/LoRA"]
+    head += ["LoRA temp MiB", "DoRA temp MiB", "materialised temp MiB"]
+    head += [f"{name} temp MiB" for name in extra]
+    head += ["floor 1+r/(2N)", "stack floor"]
+    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    for (width, layers, tokens), runs in results:
+        lora = runs.get("lora")
+        row = [str(width), str(layers), str(tokens)]
+        for name in ("lora", "dora", "materialised", *extra):
+            run = runs.get(name)
+            row.append(f"{run.median_ms:.1f}" if run else "-")
+            if name != "lora":
+                ok = run is not None and lora is not None
+                row.append(f"{run.median_ms / lora.median_ms:.2f}" if ok else "-")
+        for name in ("lora", "dora", "materialised", *extra):
+            run = runs.get(name)
+            row.append(f"{run.temp_bytes / 2**20:.1f}" if run else "-")
+        row.append(f"{1 + RANK / (2 * tokens):.3f}")
+        row.append(f"{stack_floor(layers, tokens):.3f}")
+        lines.append(fmt_row(row))
+    return "\n".join(lines)
+
+
+def build_spread_table(results):
+    head = ["width", "layers", "tokens", "variant", "median ms", "min ms"]
+    head += ["paired ratio", "CPU ms", "CPU ratio", "temp MiB"]
+    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    for (width, layers, tokens), runs in results:
+        for name, run in runs.items():
+            row = [str(width), str(layers), str(tokens), name]
+            row += [f"{run.median_ms:.1f}", f"{run.min_ms:.1f}", f"{run.paired_ratio:.2f}"]
+            row += [f"{run.cpu_ms:.1f}", f"{run.cpu_ratio:.2f}", f"{run.temp_bytes / 2**20:.1f}"]
+            lines.append(fmt_row(row))
+    return "\n".join(lines)
+
+
+def parse_shapes(text: str):
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not WIDTHxLAYERSxTOKENS")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=list(SHAPES),
+        help="comma-separated WIDTHxLAYERSxTOKENS (default: "
+        + ",".join("x".join(map(str, shape)) for shape in SHAPES)
+        + ")",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="interleaved rounds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="steps per variant per round (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(MAIN_VARIANTS),
+        help=f"comma-separated, from {', '.join(MAIN_VARIANTS + EXTRA_VARIANTS)}",
+    )
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument(
+        "--no-check", action="store_true", help="skip the gradient check against the reference"
+    )
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(MAIN_VARIANTS + EXTRA_VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}")
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"jax {jax.__version__}, flax {flax.__version__}, "
+        f"optax {optax.__version__}, backend {jax.default_backend()} "
+        f"({jax.devices()[0].device_kind}), {cpus} CPUs, Python {platform.python_version()}"
+    )
+    print(
+        f"rank {RANK}, float32, AdamW, {args.repeats} rounds x {args.steps} steps per variant, "
+        f"variants: {', '.join(variants)}",
+        flush=True,
+    )
+    print(f"load average at start: {_load()}", flush=True)
+    start = time.perf_counter()
+    results = []
+    for width, layers, tokens in args.shapes:
+        print(f"shape width={width} layers={layers} tokens={tokens}", flush=True)
+        runs = measure_shape(
+            width, layers, tokens, variants, args.repeats, args.steps, not args.no_check
+        )
+        summary = ", ".join(f"{n} {r.median_ms:.1f} ms" for n, r in runs.items())
+        print(f"  median: {summary}", flush=True)
+        results.append(((width, layers, tokens), runs))
+    table = build_table(results, variants)
+    spread = build_spread_table(results)
+    print(f"\nload average at end: {_load()}")
+    print("\nStep time (median wall ms) and XLA temp memory:\n")
+    print(table)
+    print("\nSpread and contention-robust ratios (ratios against LoRA):\n")
+    print(spread)
+    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n\n" + spread + "\n")
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
