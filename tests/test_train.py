@@ -261,6 +261,10 @@ def test_data_parallel_ways_agree_on_eight_devices(tmp_path):
     out = tmp_path / "devices.npz"
     subprocess.run([sys.executable, str(WORKER), "devices", str(out)], check=True, timeout=600)
     arrays = np.load(out)
+    # FSDP: each device holds 1/8 of the frozen base (plus replicated state and batch)
+    # and never more than one layer's kernel of temporaries: no full base is gathered.
+    assert arrays["fsdp_argument_bytes"] <= arrays["base_bytes"] / 8 + arrays["state_bytes"] + 2**16
+    assert arrays["fsdp_temp_bytes"] < arrays["layer_bytes"]
     reference = _single_process_reference(5)
     for way in ("single", "pmap", "data_mesh", "fsdp_mesh"):
         for key, want in reference.items():
