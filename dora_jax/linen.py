@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import string
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,13 +47,16 @@ DORA = "dora"
 DORA_CACHE = "dora_cache"
 ADAPTERS = ("lora_a", "lora_b", "magnitude")
 CACHE = "base_norm_sq"
+NORM = "norm"  # the whole DoRA norm, cached for inference only (see cache_norms)
+CACHES = (CACHE, NORM)
 RESERVED_PREFIX = "dora_"  # wrapped models: adapters are params named dora_<name> in traces
 
-# A store reads or creates one adapter variable: (name, init) -> value, None if optional
-# and absent.
-Store = Callable[[str, Callable[[], Array]], Array | None]
+# A store reads or creates one adapter variable: (name, init) -> value; caches are
+# optional (None if absent), and init=None only reads.
+Store = Callable[[str, Callable[[], Array] | None], Array | None]
 
 _merging = contextvars.ContextVar("dora_jax_merging", default=False)
+_caching_norms = contextvars.ContextVar("dora_jax_caching_norms", default=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,9 +137,9 @@ def module_path(module: nn.Module) -> str:
 def collection_store(module: nn.Module) -> Store:
     """Adapters in the ``"dora"`` collection, the cache in ``"dora_cache"``."""
 
-    def variable(name: str, init: Callable[[], Array]) -> Array | None:
-        collection = DORA_CACHE if name == CACHE else DORA
-        return _get_or_create(module, collection, name, init, optional=name == CACHE)
+    def variable(name: str, init: Callable[[], Array] | None) -> Array | None:
+        collection = DORA_CACHE if name in CACHES else DORA
+        return _get_or_create(module, collection, name, init, optional=name in CACHES)
 
     return variable
 
@@ -144,9 +147,9 @@ def collection_store(module: nn.Module) -> Store:
 def params_store(module: nn.Module) -> Store:
     """Adapters as ``params`` under reserved names (inside a wrapped model's trace)."""
 
-    def variable(name: str, init: Callable[[], Array]) -> Array | None:
+    def variable(name: str, init: Callable[[], Array] | None) -> Array | None:
         return _get_or_create(
-            module, "params", RESERVED_PREFIX + name, init, optional=name == CACHE
+            module, "params", RESERVED_PREFIX + name, init, optional=name in CACHES
         )
 
     return variable
@@ -156,7 +159,7 @@ def _get_or_create(module, collection, name, init, optional):
     value = module.get_variable(collection, name)
     if value is not None:
         return value
-    if not module.is_mutable_collection(collection):
+    if init is None or not module.is_mutable_collection(collection):
         if optional:
             return None
         raise ValueError(
@@ -164,6 +167,16 @@ def _get_or_create(module, collection, name, init, optional):
             f"pass the {DORA!r} collection made by init."
         )
     return module.variable(collection, name, init).value
+
+
+class Adapters(NamedTuple):
+    """One layer's adapter arrays (``None`` where absent)."""
+
+    lora_a: Array
+    lora_b: Array
+    magnitude: Array | None
+    base_norm_sq: Array | None  # cached ||W0||_c^2
+    norm: Array | None  # cached full norm, inference only (cache_norms)
 
 
 def create_adapters(
@@ -175,7 +188,7 @@ def create_adapters(
     lora_a_init: nn.initializers.Initializer | None,
     lora_b_init: nn.initializers.Initializer | None,
 ):
-    """Read or create ``(lora_a, lora_b, magnitude, base_norm_sq)`` for one layer.
+    """Read or create one layer's :class:`Adapters`.
 
     Magnitudes are PEFT's initialisation ``||W0 + s*A@B||_c`` of the kernel present at
     creation. Raises ``ValueError`` naming the layer for bad ranks, integer kernels and
@@ -190,7 +203,7 @@ def create_adapters(
     lora_b_init = lora_b_init or nn.initializers.zeros_init()
     lora_a = store("lora_a", lambda: lora_a_init(module.make_rng("params"), a_shape, dtype))
     lora_b = store("lora_b", lambda: lora_b_init(module.make_rng("params"), b_shape, dtype))
-    magnitude = base_norm_sq = None
+    magnitude = base_norm_sq = norm = None
     if settings.use_dora:
         magnitude = store(
             "magnitude",
@@ -214,7 +227,19 @@ def create_adapters(
                 f"{where}: cached {CACHE} has shape {base_norm_sq.shape}, expected {m_shape} "
                 f"for kernel {kernel.shape}."
             )
-    return lora_a, lora_b, magnitude, base_norm_sq
+        norm_init = None
+        if _caching_norms.get():
+            norm_init = lambda: ops.dora_norm(  # noqa: E731
+                kernel,
+                lora_a,
+                lora_b,
+                settings.scale,
+                layout,
+                base_norm_sq=base_norm_sq,
+                eps=settings.eps,
+            )
+        norm = store(NORM, norm_init)
+    return Adapters(lora_a, lora_b, magnitude, base_norm_sq, norm)
 
 
 def _identity(v: Array) -> Array:
@@ -258,9 +283,9 @@ class Adapter:
         apply_lora_b: Callable[[Array, Array], Array],
         to_output: Callable[[Array], Array] = _identity,
         apply_lora_a: Callable[[Array, Array], Array] | None = None,
-        adapters: tuple | None = None,
+        adapters: Adapters | None = None,
     ) -> Array:
-        lora_a, lora_b, magnitude, base_norm_sq = adapters or self.variables(kernel, layout)
+        lora_a, lora_b, magnitude, base_norm_sq, norm = adapters or self.variables(kernel, layout)
         if _merging.get():
             merged = ops.merge(
                 kernel,
@@ -288,6 +313,7 @@ class Adapter:
             x_dropped=self.dropout(x),
             detach_norm=self.settings.detach_norm,
             base_norm_sq=base_norm_sq,
+            norm=norm,
             eps=self.settings.eps,
         )
 
@@ -493,8 +519,8 @@ def embed_call(module: nn.Embed, inputs: Array, adapter: Adapter, adapters) -> A
     )
 
 
-def embed_attend(module: nn.Embed, query: Array, adapter: Adapter, adapters) -> Array:
-    lora_a, lora_b, magnitude, base_norm_sq = adapters
+def embed_attend(module: nn.Embed, query: Array, adapter: Adapter, adapters: Adapters) -> Array:
+    lora_a, lora_b, magnitude, base_norm_sq, norm = adapters
     settings = adapter.settings
     return ops.embed_attend(
         query,
@@ -505,6 +531,7 @@ def embed_attend(module: nn.Embed, query: Array, adapter: Adapter, adapters) -> 
         settings.scale,
         detach_norm=settings.detach_norm,
         base_norm_sq=base_norm_sq,
+        norm=norm,
         eps=settings.eps,
     )
 
@@ -848,8 +875,8 @@ def _split(tree):
                 dora[key] = d
             if c:
                 cache[key] = c
-        elif key == RESERVED_PREFIX + CACHE:
-            cache[CACHE] = value
+        elif key.startswith(RESERVED_PREFIX) and key[len(RESERVED_PREFIX) :] in CACHES:
+            cache[key[len(RESERVED_PREFIX) :]] = value
         elif key.startswith(RESERVED_PREFIX) and key[len(RESERVED_PREFIX) :] in ADAPTERS:
             dora[key[len(RESERVED_PREFIX) :]] = value
         else:
@@ -899,6 +926,22 @@ def recompute_magnitudes(
     kept[DORA] = _drop_leaves(variables.get(DORA, {}), "magnitude")
     _, updates = module.apply(kept, *args, mutable=[DORA, DORA_CACHE, "params"], **kwargs)
     return {**kept, **updates}
+
+
+def cache_norms(module: nn.Module, variables: Mapping[str, Any], *args, **kwargs) -> dict[str, Any]:
+    """Variables for inference: each layer's whole DoRA norm cached in ``dora_cache``.
+
+    With the norm cached, an unmerged DoRA layer costs what an unmerged LoRA layer does
+    plus one ``(out,)`` scaling: the ``A^T W0`` product is skipped. Only the ``(out,)``
+    norm is stored, never ``B @ A``. The cache is valid for these adapters only: use the
+    result for inference, not training (:func:`dora_jax.train.partition` drops it).
+    """
+    token = _caching_norms.set(True)
+    try:
+        _, updates = module.apply(variables, *args, mutable=[DORA_CACHE, "params"], **kwargs)
+    finally:
+        _caching_norms.reset(token)
+    return {**variables, DORA_CACHE: updates[DORA_CACHE]}
 
 
 def merge_params(
@@ -959,6 +1002,7 @@ __all__ = [
     "DoRAEmbed",
     "DoRAMixin",
     "DoRAModel",
+    "cache_norms",
     "merge_params",
     "recompute_magnitudes",
     "wrap",

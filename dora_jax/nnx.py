@@ -110,6 +110,7 @@ class DoRAMixin:
         self.lora_b = DoRAParam(b_init(rngs.params(), b_shape, adapter_dtype))
         self.magnitude = nnx.data(None)
         self.base_norm_sq = nnx.data(None)
+        self.inference_norm = nnx.data(None)
         if use_dora:
             magnitude, base_norm_sq = self._magnitude_and_cache()
             self.magnitude = Magnitude(magnitude)
@@ -125,6 +126,21 @@ class DoRAMixin:
             magnitude, base_norm_sq = self._magnitude_and_cache()
             self.magnitude.set_value(magnitude)
             self.base_norm_sq.set_value(base_norm_sq)
+            self.inference_norm = nnx.data(None)
+
+    def cache_norm(self) -> None:
+        """Cache the whole DoRA norm for inference (see :func:`cache_norms`)."""
+        if self.use_dora:
+            norm = ops.dora_norm(
+                getattr(self, self.kernel_name)[...],
+                self.lora_a[...],
+                self.lora_b[...],
+                self.scale,
+                self.layout,
+                base_norm_sq=self.base_norm_sq[...],
+                eps=self.eps,
+            )
+            self.inference_norm = BaseNormCache(norm)
 
     def _magnitude_and_cache(self) -> tuple[Array, Array]:
         kernel = getattr(self, self.kernel_name)[...]
@@ -176,6 +192,7 @@ class DoRAMixin:
             x_dropped=self._dropped(x, deterministic),
             detach_norm=self.detach_norm,
             base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
+            norm=None if self.inference_norm is None else self.inference_norm[...],
             eps=self.eps,
         )
 
@@ -427,6 +444,7 @@ class DoRAEmbed(DoRAMixin, nnx.Embed):
             self.scale,
             detach_norm=self.detach_norm,
             base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
+            norm=None if self.inference_norm is None else self.inference_norm[...],
             eps=self.eps,
         )
 
@@ -514,6 +532,28 @@ def merge(model: nnx.Module) -> nnx.Module:
             _replace(model, path, module.merged())
         elif isinstance(module, SavedParam):
             _replace(model, path, nnx.Param(module[...]))
+    return model
+
+
+def cache_norms(model: nnx.Module) -> nnx.Module:
+    """Cache every DoRA layer's whole norm for inference, in place; return the model.
+
+    An unmerged layer then skips the ``A^T W0`` product: it costs an unmerged LoRA
+    layer plus one ``(out,)`` scaling. Only the ``(out,)`` norm is stored. Valid for the
+    current adapters: call again after changing them, or ``recompute_magnitude()`` /
+    :func:`clear_norms` before training.
+    """
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, DoRAMixin):
+            module.cache_norm()
+    return model
+
+
+def clear_norms(model: nnx.Module) -> nnx.Module:
+    """Drop the inference norm caches set by :func:`cache_norms`, in place."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, DoRAMixin):
+            module.inference_norm = nnx.data(None)
     return model
 
 

@@ -413,6 +413,7 @@ def adapter_forward(
     x_dropped: Array | None = None,
     detach_norm: bool = True,
     base_norm_sq: Array | None = None,
+    norm: Array | None = None,
     eps: float = DEFAULT_EPS,
 ) -> Array:
     """The adapted layer's output without bias, for any linear layer.
@@ -433,6 +434,7 @@ def adapter_forward(
       x_dropped: the dropped-out input in training with dropout, else ``None``.
       detach_norm: constant-C gradient (default) or the exact gradient.
       base_norm_sq: cached ``||W0||_c^2`` (see :func:`column_norm_sq`).
+      norm: the whole norm ``||W0 + s*A@B||_c`` cached for inference, or ``None``.
       eps: norm floor.
     Returns:
       ``y - bias`` of the adapted layer (see :func:`combine`).
@@ -442,7 +444,10 @@ def adapter_forward(
     lora_out = apply_lora_b((apply_lora_a or apply_kernel)(xd, lora_a), lora_b)
     g = None
     if magnitude is not None:
-        norm = dora_norm(kernel, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps)
+        if norm is None:
+            norm = dora_norm(
+                kernel, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps
+            )
         g = to_output(magnitude_scale(magnitude, norm, detach_norm))
     base_out_dropped = None
     if x_dropped is not None and g is not None:
@@ -460,6 +465,7 @@ def embed_attend(
     *,
     detach_norm: bool = True,
     base_norm_sq: Array | None = None,
+    norm: Array | None = None,
     eps: float = DEFAULT_EPS,
 ) -> Array:
     """``query @ W'.T`` for an adapted embedding table (tied output embeddings).
@@ -476,10 +482,11 @@ def embed_attend(
     dtype = jnp.promote_types(query.dtype, embedding.dtype)
     query = query.astype(dtype)
     if magnitude is not None:
-        layout = dense_layout()
-        norm = dora_norm(
-            embedding, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps
-        )
+        if norm is None:
+            layout = dense_layout()
+            norm = dora_norm(
+                embedding, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps
+            )
         query = (query * magnitude_scale(magnitude, norm, detach_norm)).astype(dtype)
     lora = (query @ lora_b.T.astype(dtype)) @ lora_a.T.astype(dtype)
     return query @ embedding.T.astype(dtype) + scale * lora

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dora_jax.config import DoRAConfig
-from dora_jax.linen import DORA, DORA_CACHE
+from dora_jax.linen import DORA, DORA_CACHE, NORM, _drop_leaves
 
 PyTree = Any
 
@@ -55,10 +55,13 @@ def partition(
     """Split Linen variables into ``(trainable, frozen)``.
 
     ``trainable`` holds the ``"dora"`` collection and, under ``"params"``, the modules
-    that ``config.modules_to_save`` names; ``frozen`` holds everything else.
-    :func:`combine` is the inverse.
+    that ``config.modules_to_save`` names; ``frozen`` holds everything else, less any
+    inference-only norm cache (:func:`dora_jax.linen.cache_norms`). :func:`combine` is
+    the inverse.
     """
     variables = dict(variables)
+    if DORA_CACHE in variables:  # a cached whole norm is for inference only
+        variables[DORA_CACHE] = _drop_leaves(variables[DORA_CACHE], NORM)
     trainable: dict[str, Any] = {}
     if DORA in variables:
         trainable[DORA] = variables.pop(DORA)
