@@ -284,6 +284,7 @@ class Adapter:
         to_output: Callable[[Array], Array] = _identity,
         apply_lora_a: Callable[[Array, Array], Array] | None = None,
         adapters: Adapters | None = None,
+        dense_like: bool = False,
     ) -> Array:
         lora_a, lora_b, magnitude, base_norm_sq, norm = adapters or self.variables(kernel, layout)
         if _merging.get():
@@ -307,6 +308,7 @@ class Adapter:
             apply_kernel=apply_kernel,
             apply_lora_b=apply_lora_b,
             apply_lora_a=apply_lora_a,
+            dense_like=dense_like,
             to_output=to_output,
             layout=layout,
             scale=self.settings.scale,
@@ -361,7 +363,12 @@ def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
     if module.use_bias:
         bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
     y = adapter(
-        inputs, kernel, ops.dense_layout(), kernel_map(nn.Dense, module, 1), rank_map(module)
+        inputs,
+        kernel,
+        ops.dense_layout(),
+        kernel_map(nn.Dense, module, 1),
+        rank_map(module),
+        dense_like=module.dtype in (None, jnp.float32),
     )
     return _add_bias(y, bias)
 

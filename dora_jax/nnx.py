@@ -165,6 +165,7 @@ class DoRAMixin:
         apply_lora_b: Callable[[Array, Array], Array],
         to_output: Callable[[Array], Array] = lambda v: v,
         apply_lora_a: Callable[[Array, Array], Array] | None = None,
+        dense_like: bool = False,
     ) -> Array:
         kernel = getattr(self, self.kernel_name)[...]
         lora_a, lora_b = self.lora_a[...], self.lora_b[...]
@@ -186,6 +187,7 @@ class DoRAMixin:
             apply_kernel=apply_kernel,
             apply_lora_b=apply_lora_b,
             apply_lora_a=apply_lora_a,
+            dense_like=dense_like,
             to_output=to_output,
             layout=self.layout,
             scale=self.scale,
@@ -288,6 +290,7 @@ class DoRALinear(DoRAMixin, nnx.Linear):
             deterministic,
             dora_linen.kernel_map(nn.Dense, self, 1, copy=("dtype", "precision")),
             dora_linen.rank_map(self),
+            dense_like=self.dtype in (None, jnp.float32),
         )
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 

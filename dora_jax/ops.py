@@ -26,6 +26,7 @@ Two facts keep DoRA as cheap as LoRA:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -275,6 +276,7 @@ def dora_norm(
     layout: Layout,
     *,
     base_norm_sq: Array | None = None,
+    a_t_w: Array | None = None,
     eps: float = DEFAULT_EPS,
 ) -> Array:
     """``||W0 + s*A@B||_c`` without forming ``W0 + s*A@B``, in float32.
@@ -289,6 +291,7 @@ def dora_norm(
       scale: the LoRA scaling ``s``.
       layout: the kernel's :class:`Layout`.
       base_norm_sq: cached ``column_norm_sq(kernel, layout)``; computed if ``None``.
+      a_t_w: ``A^T W0`` if already computed (``(*batch, r, *out)``).
       eps: floor of the norm (see :func:`safe_sqrt`).
     Returns:
       ``(*batch, *out)`` float32.
@@ -299,7 +302,10 @@ def dora_norm(
     b = b.astype(jnp.float32)
     # A^T W0 reads the kernel in its own dtype with float32 accumulation: casting a
     # bfloat16 W0 to float32 first would allocate a full-size copy of it.
-    a_t_w = jnp.einsum("bir,bio->bro", a.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    if a_t_w is None:
+        a_t_w = jnp.einsum("bir,bio->bro", a.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    else:
+        a_t_w = a_t_w.reshape(a.shape[0], a.shape[2], -1).astype(jnp.float32)
     a_t_a = jnp.einsum("bir,bis->brs", a, a)
     cross = jnp.sum(b * a_t_w, axis=1)
     quad = jnp.sum(b * jnp.einsum("brs,bso->bro", a_t_a, b), axis=1)
@@ -409,6 +415,7 @@ def adapter_forward(
     to_output: Callable[[Array], Array],
     layout: Layout,
     apply_lora_a: Callable[[Array, Array], Array] | None = None,
+    dense_like: bool = False,
     scale: float,
     x_dropped: Array | None = None,
     detach_norm: bool = True,
@@ -431,6 +438,8 @@ def adapter_forward(
       to_output: reshapes ``(*batch, *out)`` values to broadcast against the output.
       layout, scale: the kernel's :class:`Layout` and the LoRA scaling.
       apply_lora_a: ``(x, A) -> x @ A`` when ``A`` needs another map than ``W0``.
+      dense_like: the map contracts ``x``'s last axis with a kernel ``(in, out)``, so
+        ``x @ W0`` and ``A^T W0`` may share one read of ``W0`` (:func:`kernel_products`).
       x_dropped: the dropped-out input in training with dropout, else ``None``.
       detach_norm: constant-C gradient (default) or the exact gradient.
       base_norm_sq: cached ``||W0||_c^2`` (see :func:`column_norm_sq`).
@@ -439,20 +448,79 @@ def adapter_forward(
     Returns:
       ``y - bias`` of the adapted layer (see :func:`combine`).
     """
-    base_out = apply_kernel(x, kernel)
+    a_t_w = None
+    if magnitude is not None and norm is None and _stacking_pays(dense_like, x, lora_a, kernel):
+        base_out, a_t_w = kernel_products(apply_kernel, x, lora_a, kernel)
+    else:
+        base_out = apply_kernel(x, kernel)
     xd = x if x_dropped is None else x_dropped
     lora_out = apply_lora_b((apply_lora_a or apply_kernel)(xd, lora_a), lora_b)
     g = None
     if magnitude is not None:
         if norm is None:
             norm = dora_norm(
-                kernel, lora_a, lora_b, scale, layout, base_norm_sq=base_norm_sq, eps=eps
+                kernel,
+                lora_a,
+                lora_b,
+                scale,
+                layout,
+                base_norm_sq=base_norm_sq,
+                a_t_w=a_t_w,
+                eps=eps,
             )
         g = to_output(magnitude_scale(magnitude, norm, detach_norm))
     base_out_dropped = None
     if x_dropped is not None and g is not None:
         base_out_dropped = apply_kernel(x_dropped, kernel)
     return combine(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
+
+
+# Stack A^T under x (one read of W0) when the rows of x are at most this many per rank:
+# the saved read of W0 then outweighs the copy of x into the stacked operand.
+STACK_ROWS_PER_RANK = 16
+
+
+def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> bool:
+    if not dense_like or kernel.ndim != 2 or lora_a.ndim != 2:
+        return False
+    rows = math.prod(x.shape[:-1])
+    # A float32 product keeps the norm's A^T W0 term in float32, as the unstacked path.
+    float32 = x.dtype == kernel.dtype == jnp.float32
+    return float32 and rows <= STACK_ROWS_PER_RANK * lora_a.shape[-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def kernel_products(
+    apply_kernel: Callable[[Array, Array], Array], x: Array, lora_a: Array, kernel: Array
+) -> tuple[Array, Array]:
+    """``(x @ W0, A^T @ W0)`` as one product ``concat([x, A^T]) @ W0``: ``W0`` read once.
+
+    For Dense-like maps (``x (..., in)``, ``lora_a (in, r)``, kernel ``(in, out)``). The
+    backward pass is the exact one, written block by block, so that with a frozen
+    kernel and a detached norm only ``dy @ W0^T`` remains (plain autodiff through the
+    concatenation would also multiply ``r`` zero rows by ``W0^T``).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    stacked = apply_kernel(jnp.concatenate([rows, lora_a.T.astype(rows.dtype)]), kernel)
+    base = stacked[: rows.shape[0]].reshape(*x.shape[:-1], stacked.shape[-1])
+    return base, stacked[rows.shape[0] :]
+
+
+def _kernel_products_fwd(apply_kernel, x, lora_a, kernel):
+    return kernel_products(apply_kernel, x, lora_a, kernel), (x, lora_a, kernel)
+
+
+def _kernel_products_bwd(apply_kernel, residuals, cotangents):
+    x, lora_a, kernel = residuals
+    d_base, d_a_t_w = cotangents
+    _, base_vjp = jax.vjp(apply_kernel, x, kernel)
+    d_x, d_kernel = base_vjp(d_base)
+    _, a_t_w_vjp = jax.vjp(apply_kernel, lora_a.T.astype(x.dtype), kernel)
+    d_a_t, d_kernel_a = a_t_w_vjp(d_a_t_w.astype(x.dtype))
+    return d_x, d_a_t.T.astype(lora_a.dtype), d_kernel + d_kernel_a
+
+
+kernel_products.defvjp(_kernel_products_fwd, _kernel_products_bwd)
 
 
 def embed_attend(
