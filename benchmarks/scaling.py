@@ -1,0 +1,312 @@
+"""How DoRA's training-step overhead over LoRA scales with width, tokens and rank.
+
+Run: ``python benchmarks/scaling.py`` (a few minutes on a 2-core CPU);
+``--sweeps width,tokens,rank`` picks sweeps, ``--repeats`` / ``--steps`` the effort,
+``--widths`` / ``--tokens`` / ``--ranks`` the values, ``--markdown PATH`` saves the tables.
+
+The model is step_time.py's: a stack of ``--layers`` (default 1) square
+``dora_jax.DoRADense`` layers, ``x -> tanh(layer(x))``, loss ``mean(y ** 2)``, float32.
+Each variant is one jit-compiled AdamW step whose gradient is taken only with respect to
+the ``"dora"`` collection (frozen ``"params"`` and ``"dora_cache"`` are ordinary
+arguments), with the trainable and optimizer state donated; LoRA is the same layer with
+``use_dora=False``. Three sweeps, each varying one parameter from the base point
+(width 2048, 256 tokens, rank 16):
+
+* width: 512, 1024, 2048, 4096, 8192 (256 tokens, rank 16);
+* tokens: 16, 64, 256, 1024, 4096 (width 2048, rank 16);
+* rank: 4, 16, 64, 256 (width 2048, 256 tokens).
+
+Times are medians over interleaved rounds (each round runs LoRA and DoRA a few steps,
+alternating which goes first, so background load hits both alike; enough steps per
+round to last ``--min-round-ms``); ``paired`` is the median over rounds of the ratio of
+the two rounds' medians, ``CPU ratio`` the ratio of median process CPU time per step
+(all threads; much less sensitive than wall time to other processes). Temp memory is XLA's
+``compile().memory_analysis().temp_size_in_bytes``, exact and repeatable. A
+(width, tokens, rank) point shared by several sweeps is measured once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+# The repository's own package, also when it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dora_jax  # noqa: E402
+
+ALPHA = 16.0
+BASE = {"width": 2048, "tokens": 256, "rank": 16}
+SWEEPS = {
+    "width": (512, 1024, 2048, 4096, 8192),
+    "tokens": (16, 64, 256, 1024, 4096),
+    "rank": (4, 16, 64, 256),
+}
+
+COST_MODEL = """\
+Cost model (DESIGN.md section 3). Per layer with a D x D kernel and N tokens, LoRA's big
+products are the forward x @ W0 (2*N*D*D flops) and, for every layer but the first (whose
+input needs no gradient), the input gradient dy @ W0^T (the same); the frozen kernel gets
+no weight gradient. Exact DoRA adds one A^T @ W0 per layer (2*r*D*D) for the column norm,
+and nothing else of that size (||W0||_c^2 is cached, the norm is detached). So for L
+layers DoRA/LoRA >= 1 + L*r/((2L-1)*N): 1 + r/N for one layer, 1 + r/(2N) for a deep
+stack; the rank-r products and elementwise work, shared by both, are not counted, so
+ratios near 1 + r/(2N) are reached only when the D*D products dominate. Memory: DoRA
+keeps one more N x D float32 activation per layer (x@W0 + s*(x@A)@B, needed for the
+magnitude's gradient), L*N*D*4 bytes more temp than LoRA, plus a few r x D float32
+terms of the norm (A^T W0, (A^T A) B), visible only when r is not small against N; no
+D x D temporary."""
+
+
+class MLP(nn.Module):
+    """``layers`` square ``DoRADense`` layers, each followed by ``tanh``."""
+
+    width: int
+    layers: int
+    rank: int
+    use_dora: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            layer = dora_jax.DoRADense(
+                self.width,
+                rank=self.rank,
+                alpha=ALPHA,
+                use_dora=self.use_dora,
+                lora_b_init=nn.initializers.normal(0.02),
+                name=f"layer_{i}",
+            )
+            x = jnp.tanh(layer(x))
+        return x
+
+
+def make_step(model: nn.Module, optimizer: optax.GradientTransformation):
+    def loss_fn(trainable, frozen, x):
+        return jnp.mean(model.apply({**frozen, "dora": trainable}, x) ** 2)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, frozen, x):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
+class Runner:
+    """One variant's compiled step and its (donated, rolling) state."""
+
+    def __init__(self, use_dora: bool, width: int, layers: int, rank: int, x):
+        model = MLP(width, layers, rank, use_dora=use_dora)
+        variables = jax.jit(model.init)(jax.random.key(0), x)
+        self.frozen = {k: v for k, v in variables.items() if k != "dora"}
+        self.trainable = variables["dora"]
+        optimizer = optax.adamw(1e-4)
+        self.opt_state = optimizer.init(self.trainable)
+        self.x = x
+        start = time.perf_counter()
+        step = make_step(model, optimizer)
+        self.compiled = step.lower(self.trainable, self.opt_state, self.frozen, x).compile()
+        self.compile_s = time.perf_counter() - start
+        self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
+        self.rounds: list[list[float]] = []  # wall seconds per step
+        self.cpu: list[float] = []  # process CPU seconds per step
+        self.loss = math.nan
+
+    def run(self, steps: int, record: bool = True) -> list[float]:
+        times, cpu = [], []
+        for _ in range(steps):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            self.trainable, self.opt_state, loss = self.compiled(
+                self.trainable, self.opt_state, self.frozen, self.x
+            )
+            jax.block_until_ready((self.trainable, self.opt_state, loss))
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        self.loss = float(loss)
+        if record:
+            self.rounds.append(times)
+            self.cpu.extend(cpu)
+        return times
+
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(t for r in self.rounds for t in r)
+
+
+class Point(NamedTuple):
+    width: int
+    tokens: int
+    rank: int
+    lora_ms: float
+    dora_ms: float
+    paired: float
+    cpu_ratio: float
+    lora_temp: int
+    dora_temp: int
+    steps: int  # per variant, in all rounds
+    seconds: float
+
+
+def measure(width, tokens, rank, layers, repeats, steps, min_round_ms) -> Point:
+    start = time.perf_counter()
+    x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
+    lora = Runner(False, width, layers, rank, x)
+    dora = Runner(True, width, layers, rank, x)
+    lora.run(1, record=False)
+    dora.run(1, record=False)
+    estimate = min(lora.run(1, record=False)[0], dora.run(1, record=False)[0])
+    per_round = max(steps, min(50, math.ceil(min_round_ms / 1e3 / max(estimate, 1e-6))))
+    for i in range(repeats):
+        for runner in (lora, dora) if i % 2 == 0 else (dora, lora):
+            runner.run(per_round)
+    if not (math.isfinite(lora.loss) and math.isfinite(dora.loss)):
+        raise AssertionError(f"non-finite loss: LoRA {lora.loss}, DoRA {dora.loss}")
+    paired = statistics.median(
+        statistics.median(d) / statistics.median(lo)
+        for d, lo in zip(dora.rounds, lora.rounds, strict=True)
+    )
+    return Point(
+        width=width,
+        tokens=tokens,
+        rank=rank,
+        lora_ms=lora.median_ms(),
+        dora_ms=dora.median_ms(),
+        paired=paired,
+        cpu_ratio=statistics.median(dora.cpu) / statistics.median(lora.cpu),
+        lora_temp=lora.temp_bytes,
+        dora_temp=dora.temp_bytes,
+        steps=repeats * per_round,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def predicted_ratio(layers: int, tokens: int, rank: int) -> float:
+    return 1 + layers * rank / ((2 * layers - 1) * tokens)
+
+
+def fmt_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def build_table(sweep: str, points: list[Point], layers: int) -> str:
+    model = "1 + r/N" if layers == 1 else "1 + L*r/((2L-1)*N)"
+    head = [sweep, "LoRA ms", "DoRA ms", "DoRA/LoRA", "paired", "CPU ratio", model]
+    head += ["LoRA temp MiB", "DoRA temp MiB", "DoRA - LoRA MiB", "L*N*out*4 B MiB", "steps"]
+    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    for p in points:
+        row = [getattr(p, sweep), f"{p.lora_ms:.2f}", f"{p.dora_ms:.2f}"]
+        row += [f"{p.dora_ms / p.lora_ms:.3f}", f"{p.paired:.3f}", f"{p.cpu_ratio:.3f}"]
+        row += [f"{predicted_ratio(layers, p.tokens, p.rank):.3f}"]
+        row += [f"{p.lora_temp / 2**20:.2f}", f"{p.dora_temp / 2**20:.2f}"]
+        row += [f"{(p.dora_temp - p.lora_temp) / 2**20:.2f}"]
+        row += [f"{layers * p.tokens * p.width * 4 / 2**20:.2f}", p.steps]
+        lines.append(fmt_row(row))
+    return "\n".join(lines)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sweeps",
+        default=",".join(SWEEPS),
+        help="comma-separated, from width, tokens, rank (default: all)",
+    )
+    parser.add_argument("--widths", type=int_list, default=SWEEPS["width"])
+    parser.add_argument("--tokens", type=int_list, default=SWEEPS["tokens"])
+    parser.add_argument("--ranks", type=int_list, default=SWEEPS["rank"])
+    parser.add_argument(
+        "--base",
+        type=int_list,
+        default=(BASE["width"], BASE["tokens"], BASE["rank"]),
+        help="WIDTH,TOKENS,RANK held fixed while another one varies (default: 2048,256,16)",
+    )
+    parser.add_argument("--layers", type=int, default=1, help="stack depth (default: 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="interleaved rounds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=2, help="min. steps per variant per round (%(default)s)"
+    )
+    parser.add_argument(
+        "--min-round-ms",
+        type=float,
+        default=150.0,
+        help="more steps per round for fast points, up to 50 (default: %(default)s)",
+    )
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    sweeps = [s.strip() for s in args.sweeps.split(",") if s.strip()]
+    unknown = set(sweeps) - set(SWEEPS)
+    if unknown:
+        parser.error(f"unknown sweeps {sorted(unknown)}; choose from {', '.join(SWEEPS)}")
+    values = {"width": args.widths, "tokens": args.tokens, "rank": args.ranks}
+    base = dict(zip(("width", "tokens", "rank"), args.base, strict=True))
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {cpus} CPUs, "
+        f"Python {platform.python_version()}, load average {_load()}"
+    )
+    print(
+        f"float32, {args.layers} layer(s), alpha {ALPHA:g}, AdamW; {args.repeats} interleaved "
+        f"rounds of >= {args.steps} steps per variant\n"
+    )
+    print(COST_MODEL + "\n", flush=True)
+    start = time.perf_counter()
+    cache: dict[tuple[int, int, int], Point] = {}
+    tables = []
+    for sweep in sweeps:
+        points = []
+        for value in values[sweep]:
+            setting = {**base, sweep: value}
+            key = (setting["width"], setting["tokens"], setting["rank"])
+            if key not in cache:
+                cache[key] = measure(*key, args.layers, args.repeats, args.steps, args.min_round_ms)
+                p = cache[key]
+                print(
+                    f"  width {p.width}, tokens {p.tokens}, rank {p.rank}: LoRA "
+                    f"{p.lora_ms:.2f} ms, DoRA {p.dora_ms:.2f} ms ({p.seconds:.0f} s)",
+                    flush=True,
+                )
+            points.append(cache[key])
+        fixed = ", ".join(f"{k} {v}" for k, v in base.items() if k != sweep)
+        title = f"Varying {sweep} ({fixed}, {args.layers} layer(s)):"
+        tables.append(title + "\n\n" + build_table(sweep, points, args.layers))
+    print(f"\nload average at end: {_load()}\n")
+    print("\n\n".join(tables))
+    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(COST_MODEL + "\n\n" + "\n\n".join(tables) + "\n")
+    return 0
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
