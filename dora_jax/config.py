@@ -124,6 +124,18 @@ class DoRAConfig:
             adapter_dtype=self.adapter_dtype,
         )
 
+    def _similarity(self, path: str) -> float:
+        if isinstance(self.targets, str):
+            return _similarity_to(self.targets, path)
+        parts = path.split("/")
+        return max(
+            (
+                _similarity_to(name, "/".join(parts[-(name.count("/") + 1) :]))
+                for name in self.targets
+            ),
+            default=0.0,
+        )
+
     def check_matched(self, paths: Iterable[str], adaptable: Iterable[str]) -> None:
         """Raise if ``targets`` matched nothing, listing the closest existing paths.
 
@@ -134,17 +146,21 @@ class DoRAConfig:
         paths, adaptable = list(paths), list(adaptable)
         if any(self.is_target(p) for p in adaptable):
             return
-        wanted = self.targets if isinstance(self.targets, str) else " | ".join(self.targets)
-        closest = difflib.get_close_matches(wanted, adaptable, n=10, cutoff=0.0)
-        closest += [p for p in adaptable if p not in closest]
+        closest = sorted(adaptable, key=lambda p: -self._similarity(p))
+        shown = [p + ("  (excluded)" if _matches(self.exclude, p) else "") for p in closest]
         raise ValueError(
             f"DoRAConfig targets {self.targets!r} match no adaptable layer"
             + (f" (exclude={self.exclude!r})" if self.exclude else "")
             + ". Adaptable layers, closest first:\n  "
-            + "\n  ".join(closest[:20] or ["(none)"])
+            + "\n  ".join(shown[:20] or ["(none)"])
             + (f"\n  ... {len(closest) - 20} more" if len(closest) > 20 else "")
             + f"\n({len(paths)} module paths in the model.)"
         )
+
+
+def _similarity_to(wanted: str, path: str) -> float:
+    """How alike a target and a path are: whole paths for a regex, else path suffixes."""
+    return difflib.SequenceMatcher(None, wanted, path).ratio()
 
 
 def _check_patterns(name: str, patterns: Patterns) -> None:

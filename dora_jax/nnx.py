@@ -263,6 +263,15 @@ def _rebuild(cls: type, base: nnx.Module, rngs: nnx.Rngs, values: dict, **kwargs
     return layer
 
 
+def _add_bias(y: Array, bias: nnx.Param | None, to_output=lambda b: b) -> Array:
+    return y if bias is None else y + to_output(bias[...]).astype(y.dtype)
+
+
+def _constrain(y: Array, out_sharding) -> Array:
+    """Flax's ``out_sharding`` argument, applied to the output as a sharding constraint."""
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+
+
 def _split_dora_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     dora = {k: kwargs.pop(k) for k in _DORA_ARGS if k in kwargs}
     return dora, kwargs
@@ -284,7 +293,9 @@ class DoRALinear(DoRAMixin, nnx.Linear):
         super().__init__(in_features, out_features, rngs=rngs, **linear)
         self._init_adapters(ops.dense_layout(), rngs=rngs, **dora)
 
-    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+    def __call__(
+        self, inputs: Array, *, deterministic: bool | None = None, out_sharding=None
+    ) -> Array:
         y = self._adapt(
             inputs,
             deterministic,
@@ -292,7 +303,7 @@ class DoRALinear(DoRAMixin, nnx.Linear):
             dora_linen.rank_map(self),
             dense_like=self.dtype in (None, jnp.float32),
         )
-        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+        return _constrain(_add_bias(y, self.bias), out_sharding)
 
 
 class DoRALinearGeneral(DoRAMixin, nnx.LinearGeneral):
@@ -310,7 +321,9 @@ class DoRALinearGeneral(DoRAMixin, nnx.LinearGeneral):
         )
         self._init_adapters(layout, rngs=rngs, **dora)
 
-    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+    def __call__(
+        self, inputs: Array, *, deterministic: bool | None = None, out_sharding=None
+    ) -> Array:
         axis = tuple(ax % inputs.ndim for ax in self.axis)
         batch_dims = tuple(ax % inputs.ndim for ax in self.batch_axis)
         expanded = tuple(
@@ -334,7 +347,7 @@ class DoRALinearGeneral(DoRAMixin, nnx.LinearGeneral):
             dora_linen.rank_map(self, len(batch_dims)),
             to_output,
         )
-        return y if self.bias is None else y + to_output(self.bias[...]).astype(y.dtype)
+        return _constrain(_add_bias(y, self.bias, to_output), out_sharding)
 
 
 class DoRAConv(DoRAMixin, nnx.Conv):
@@ -356,7 +369,9 @@ class DoRAConv(DoRAMixin, nnx.Conv):
             )
         self._init_adapters(ops.conv_layout(len(self.kernel_size)), rngs=rngs, **dora)
 
-    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+    def __call__(
+        self, inputs: Array, *, deterministic: bool | None = None, out_sharding=None
+    ) -> Array:
         copy = (
             "dtype",
             "precision",
@@ -372,7 +387,7 @@ class DoRAConv(DoRAMixin, nnx.Conv):
             dora_linen.kernel_map(nn.Conv, self, len(self.kernel_size) + 1, copy=copy),
             dora_linen.rank_map(self),
         )
-        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+        return _constrain(_add_bias(y, self.bias), out_sharding)
 
 
 class DoRAEinsum(DoRAMixin, nnx.Einsum):
@@ -389,7 +404,9 @@ class DoRAEinsum(DoRAMixin, nnx.Einsum):
         super().__init__(einsum_str, kernel_shape, bias_shape, rngs=rngs, **einsum)
         self._init_adapters(ops.einsum_layout(self.einsum_str), rngs=rngs, **dora)
 
-    def __call__(self, inputs: Array, *, deterministic: bool | None = None) -> Array:
+    def __call__(
+        self, inputs: Array, *, deterministic: bool | None = None, out_sharding=None
+    ) -> Array:
         maps = dora_linen.einsum_maps(
             self.einsum_str, self.kernel.shape, self, copy=("dtype", "precision")
         )
@@ -401,9 +418,8 @@ class DoRAEinsum(DoRAMixin, nnx.Einsum):
             maps.to_output,
             apply_lora_a=maps.apply_lora_a,
         )
-        if self.bias is None:
-            return y
-        return y + jnp.reshape(self.bias[...], maps.bias_broadcast).astype(y.dtype)
+        to_bias = lambda bias: jnp.reshape(bias, maps.bias_broadcast)  # noqa: E731
+        return _constrain(_add_bias(y, self.bias, to_bias), out_sharding)
 
 
 class DoRAEmbed(DoRAMixin, nnx.Embed):
@@ -423,7 +439,7 @@ class DoRAEmbed(DoRAMixin, nnx.Embed):
         super().__init__(num_embeddings, features, rngs=rngs, **embed)
         self._init_adapters(ops.dense_layout(), rngs=rngs, **dora)
 
-    def __call__(self, inputs: Array) -> Array:
+    def __call__(self, inputs: Array, out_sharding=None) -> Array:
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError(f"DoRAEmbed: input type must be an integer; got {inputs.dtype}.")
         lookup = dora_linen.kernel_map(
@@ -434,7 +450,9 @@ class DoRAEmbed(DoRAMixin, nnx.Embed):
             copy=("dtype",),
             num_embeddings=self.num_embeddings,
         )
-        return self._adapt(inputs, True, lookup, dora_linen.rank_map(self))
+        return _constrain(
+            self._adapt(inputs, True, lookup, dora_linen.rank_map(self)), out_sharding
+        )
 
     def attend(self, query: Array) -> Array:
         """``query @ W'.T`` for tied output embeddings, without forming ``W'``."""
@@ -490,7 +508,7 @@ def apply_dora(model: nnx.Module, config: DoRAConfig, *, rngs: nnx.Rngs) -> nnx.
     if not isinstance(config, DoRAConfig):
         raise TypeError(f"apply_dora needs a DoRAConfig; got {type(config).__name__}.")
     modules = [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module) and p]
-    paths, adaptable, chosen = [], [], []
+    paths, adaptable, chosen, saved = [], [], [], []
     for path, module in modules:
         name = "/".join(str(p) for p in path)
         paths.append(name)
@@ -508,18 +526,24 @@ def apply_dora(model: nnx.Module, config: DoRAConfig, *, rngs: nnx.Rngs) -> nnx.
                 )
             chosen.append((path, name, module))
         elif config.is_saved(name):
-            for variable_path, variable in nnx.iter_graph(module):
-                if type(variable) is nnx.Param:
-                    _replace(module, variable_path, SavedParam(variable[...]))
+            saved.append(module)
     if not chosen:
         config.check_matched(paths, adaptable)
+    # Build every replacement before changing anything: an error leaves the model as is.
+    replacements = []
     for path, name, module in chosen:
         settings = dataclasses.asdict(config.settings(name))
         try:
             layer = DORA_CLASSES[type(module)].from_module(module, rngs=rngs, **settings)
         except ValueError as error:
             raise ValueError(f"{name!r}: {error}") from None
-        _replace(model, path, layer)
+        replacements.append((model, path, layer))
+    for module in saved:
+        for variable_path, variable in nnx.iter_graph(module):
+            if type(variable) is nnx.Param:
+                replacements.append((module, variable_path, SavedParam(variable[...])))
+    for root, path, value in replacements:
+        _replace(root, path, value)
     return model
 
 
