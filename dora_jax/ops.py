@@ -450,7 +450,10 @@ def adapter_forward(
     """
     a_t_w = None
     if magnitude is not None and norm is None and _stacking_pays(dense_like, x, lora_a, kernel):
-        base_out, a_t_w = kernel_products(apply_kernel, x, lora_a, kernel)
+        # With the norm detached A gets no gradient through A^T W0: say so, or the
+        # backward pass would multiply a zero cotangent by W0^T.
+        a_for_norm = jax.lax.stop_gradient(lora_a) if detach_norm else lora_a
+        base_out, a_t_w = kernel_products(apply_kernel, x, a_for_norm, kernel)
     else:
         base_out = apply_kernel(x, kernel)
     xd = x if x_dropped is None else x_dropped
@@ -475,9 +478,10 @@ def adapter_forward(
     return combine(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
 
 
-# Stack A^T under x (one read of W0) when the rows of x are at most this many per rank:
-# the saved read of W0 then outweighs the copy of x into the stacked operand.
-STACK_ROWS_PER_RANK = 16
+# Stack A^T under x (one read of W0) while x has at most this many rows per output
+# feature: the saved read of W0 (in x out) then outweighs copying x (rows x in) into the
+# stacked operand. Measured on CPU: it pays up to about half as many rows as features.
+STACK_ROWS_PER_OUTPUT = 0.5
 
 
 def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> bool:
@@ -486,7 +490,7 @@ def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> 
     rows = math.prod(x.shape[:-1])
     # A float32 product keeps the norm's A^T W0 term in float32, as the unstacked path.
     float32 = x.dtype == kernel.dtype == jnp.float32
-    return float32 and rows <= STACK_ROWS_PER_RANK * lora_a.shape[-1]
+    return float32 and rows <= STACK_ROWS_PER_OUTPUT * kernel.shape[-1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

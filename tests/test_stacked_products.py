@@ -34,7 +34,7 @@ def _layer_case(tokens: int):
 @pytest.mark.parametrize("stack", [True, False], ids=["stacked", "plain"])
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
 def test_forward_and_gradients_match_reference(monkeypatch, stack, detach_norm):
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_RANK", 10**6 if stack else 0)
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", 1e6 if stack else 0.0)
     layer, variables, dora, x, cotangent = _layer_case(tokens=6)
     layer = layer.clone(detach_norm=detach_norm)
     params = variables["params"]
