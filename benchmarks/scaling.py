@@ -47,7 +47,7 @@ import optax
 # The repository's own package, also when it is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dora_jax  # noqa: E402
+from step_time import MLP  # noqa: E402  (the benchmarks' shared model, same folder)
 
 ALPHA = 16.0
 BASE = {"width": 2048, "tokens": 256, "rank": 16}
@@ -72,29 +72,6 @@ terms of the norm (A^T W0, (A^T A) B), visible only when r is not small against 
 D x D temporary."""
 
 
-class MLP(nn.Module):
-    """``layers`` square ``DoRADense`` layers, each followed by ``tanh``."""
-
-    width: int
-    layers: int
-    rank: int
-    use_dora: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        for i in range(self.layers):
-            layer = dora_jax.DoRADense(
-                self.width,
-                rank=self.rank,
-                alpha=ALPHA,
-                use_dora=self.use_dora,
-                lora_b_init=nn.initializers.normal(0.02),
-                name=f"layer_{i}",
-            )
-            x = jnp.tanh(layer(x))
-        return x
-
-
 def make_step(model: nn.Module, optimizer: optax.GradientTransformation):
     def loss_fn(trainable, frozen, x):
         return jnp.mean(model.apply({**frozen, "dora": trainable}, x) ** 2)
@@ -112,7 +89,7 @@ class Runner:
     """One variant's compiled step and its (donated, rolling) state."""
 
     def __init__(self, use_dora: bool, width: int, layers: int, rank: int, x):
-        model = MLP(width, layers, rank, use_dora=use_dora)
+        model = MLP(width, layers, use_dora=use_dora, rank=rank)
         variables = jax.jit(model.init)(jax.random.key(0), x)
         self.frozen = {k: v for k, v in variables.items() if k != "dora"}
         self.trainable = variables["dora"]

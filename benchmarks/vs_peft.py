@@ -59,15 +59,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import peft
 import torch
+from step_time import MLP  # the benchmarks' shared model (same folder)
 
-import dora_jax
 from dora_jax import ops
 
 SHAPES = ((1024, 4, 512), (2048, 4, 256), (4096, 2, 128))
@@ -167,33 +166,11 @@ def peft_adapters(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, ...]
     return out
 
 
-class FlaxMLP(nn.Module):
-    """``layers`` square ``DoRADense`` layers, each followed by ``tanh``."""
-
-    width: int
-    layers: int
-    use_dora: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        for i in range(self.layers):
-            layer = dora_jax.DoRADense(
-                self.width,
-                rank=RANK,
-                alpha=ALPHA,
-                use_dora=self.use_dora,
-                lora_b_init=nn.initializers.normal(B_STD),  # unused: values come from torch
-                name=f"layer_{i}",
-            )
-            x = jnp.tanh(layer(x))
-        return x
-
-
 def _to_jax(t: torch.Tensor) -> jax.Array:
     return jnp.asarray(np.ascontiguousarray(t.detach().numpy()))
 
 
-def jax_variables(model: FlaxMLP, weights: Weights, x: jax.Array) -> dict:
+def jax_variables(model: MLP, weights: Weights, x: jax.Array) -> dict:
     """Flax variables holding ``weights``; checked against the structure ``init`` makes."""
     params, dora, cache = {}, {}, {}
     for i, layer in enumerate(weights.base.layers):
@@ -289,7 +266,7 @@ class JaxRunner(Runner):
     def __init__(self, name: str, weights: Weights, x: jax.Array, use_dora: bool):
         super().__init__()
         self.name = name
-        model = FlaxMLP(x.shape[-1], len(weights.base.layers), use_dora=use_dora)
+        model = MLP(x.shape[-1], len(weights.base.layers), use_dora=use_dora)
         variables = jax_variables(model, weights, x)
         optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
         step, _ = make_step(model.apply, optimizer)
@@ -326,7 +303,7 @@ def check_against_peft(width: int, layers: int, tokens: int) -> str:
         model = peft_model(weights, use_dora)
         loss = torch.mean(model(x) ** 2)
         loss.backward()
-        flax_model = FlaxMLP(width, layers, use_dora=use_dora)
+        flax_model = MLP(width, layers, use_dora=use_dora)
         variables = jax_variables(flax_model, weights, _to_jax(x))
         frozen = {k: v for k, v in variables.items() if k != "dora"}
         _, loss_fn = make_step(flax_model.apply, optax.adamw(LEARNING_RATE))

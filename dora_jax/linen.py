@@ -593,14 +593,7 @@ class DoRAMixin(nn.Module):
         return Adapter(
             module=self,
             settings=LayerSettings(
-                rank=self.rank,
-                alpha=self.alpha,
-                dropout=self.dropout,
-                rslora=self.rslora,
-                use_dora=self.use_dora,
-                detach_norm=self.detach_norm,
-                eps=self.eps,
-                adapter_dtype=self.adapter_dtype,
+                **{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerSettings)}
             ),
             store=collection_store(self),
             dropout=functools.partial(self._dropped, deterministic=deterministic),
