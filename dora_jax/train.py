@@ -383,7 +383,8 @@ def fit(
 
     log = open(log_path, "a") if log_path else None  # noqa: SIM115
     start = time.perf_counter()
-    bar = tqdm(total=num_steps, disable=not progress, dynamic_ncols=True)
+    # disable=None: a bar on terminals only, so logs stay readable.
+    bar = tqdm(total=num_steps, disable=None if progress else True, dynamic_ncols=True)
     try:
         iterator = iter(batches)
         for _ in range(num_steps):
@@ -393,6 +394,9 @@ def fit(
             record = {"step": step_index, "time": time.perf_counter() - start, **record}
             if evaluate is not None and eval_every and step_index % eval_every == 0:
                 record.update({f"eval_{k}": float(v) for k, v in evaluate(state).items()})
+                if progress:
+                    shown = {k: round(v, 4) for k, v in record.items() if k != "time"}
+                    tqdm.write(" ".join(f"{k} {v}" for k, v in shown.items()))
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
