@@ -8,10 +8,12 @@ The math lives once in :mod:`dora_jax.ops`; everything else is a thin front end:
 * :mod:`dora_jax.nnx`: ``DoRALinear``, ``DoRALinearGeneral``, ``DoRAEinsum``,
   ``DoRAConv``, ``DoRAEmbed`` (adapters are ``nnx.LoRAParam`` subclasses) and in-place
   :func:`~dora_jax.nnx.apply_dora` for unmodified NNX models;
-* :class:`DoRAConfig`: which layers to adapt, and how.
+* :class:`DoRAConfig`: which layers to adapt, and how;
+* :mod:`dora_jax.train`: the frozen-base training step, data parallel, FSDP, multi-host;
+* :mod:`dora_jax.summary`: trainable-parameter summaries.
 """
 
-from dora_jax import linen, nnx, ops, summary
+from dora_jax import linen, nnx, ops, summary, train
 from dora_jax.config import DoRAConfig, LayerSettings
 from dora_jax.linen import (
     DoRAConv,
@@ -19,6 +21,7 @@ from dora_jax.linen import (
     DoRADenseGeneral,
     DoRAEinsum,
     DoRAEmbed,
+    cache_norms,
     merge_params,
     recompute_magnitudes,
 )
@@ -33,10 +36,12 @@ __all__ = [
     "DoRAEinsum",
     "DoRAEmbed",
     "LayerSettings",
+    "cache_norms",
     "linen",
     "merge_params",
     "nnx",
     "ops",
     "recompute_magnitudes",
     "summary",
+    "train",
 ]
