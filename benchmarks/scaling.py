@@ -47,7 +47,7 @@ import optax
 # The repository's own package, also when it is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_time import MLP  # noqa: E402  (the benchmarks' shared model, same folder)
+from step_time import MLP, load_average  # noqa: E402  (shared, same folder)
 
 ALPHA = 16.0
 BASE = {"width": 2048, "tokens": 256, "rank": 16}
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     print(
         f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
         f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {cpus} CPUs, "
-        f"Python {platform.python_version()}, load average {_load()}"
+        f"Python {platform.python_version()}, load average {load_average()}"
     )
     print(
         f"float32, {args.layers} layer(s), alpha {ALPHA:g}, AdamW; {args.repeats} interleaved "
@@ -269,20 +269,13 @@ def main(argv=None) -> int:
         fixed = ", ".join(f"{k} {v}" for k, v in base.items() if k != sweep)
         title = f"Varying {sweep} ({fixed}, {args.layers} layer(s)):"
         tables.append(title + "\n\n" + build_table(sweep, points, args.layers))
-    print(f"\nload average at end: {_load()}\n")
+    print(f"\nload average at end: {load_average()}\n")
     print("\n\n".join(tables))
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(COST_MODEL + "\n\n" + "\n\n".join(tables) + "\n")
     return 0
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -387,8 +387,8 @@ def parse_shapes(text: str):
     return shapes
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--shapes``, ``--repeats`` and ``--steps``, shared by the benchmarks."""
     parser.add_argument(
         "--shapes",
         type=parse_shapes,
@@ -403,6 +403,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--steps", type=int, default=3, help="steps per variant per round (default: %(default)s)"
     )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_timing_arguments(parser)
     parser.add_argument(
         "--variants",
         default=",".join(MAIN_VARIANTS),
@@ -429,7 +434,7 @@ def main(argv=None) -> None:
         f"variants: {', '.join(variants)}",
         flush=True,
     )
-    print(f"load average at start: {_load()}", flush=True)
+    print(f"load average at start: {load_average()}", flush=True)
     start = time.perf_counter()
     results = []
     for width, layers, tokens in args.shapes:
@@ -442,7 +447,7 @@ def main(argv=None) -> None:
         results.append(((width, layers, tokens), runs))
     table = build_table(results, variants)
     spread = build_spread_table(results)
-    print(f"\nload average at end: {_load()}")
+    print(f"\nload average at end: {load_average()}")
     print("\nStep time (median wall ms) and XLA temp memory:\n")
     print(table)
     print("\nSpread and contention-robust ratios (ratios against LoRA):\n")
@@ -453,7 +458,7 @@ def main(argv=None) -> None:
             f.write(table + "\n\n" + spread + "\n")
 
 
-def _load() -> str:
+def load_average() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:

@@ -65,7 +65,7 @@ import numpy as np
 import optax
 import peft
 import torch
-from step_time import MLP  # the benchmarks' shared model (same folder)
+from step_time import MLP, add_timing_arguments, load_average  # shared (same folder)
 
 from dora_jax import ops
 
@@ -485,23 +485,6 @@ def starved_torch(results, threads: int) -> str:
     )
 
 
-def parse_shapes(text: str):
-    shapes = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not WIDTHxLAYERSxTOKENS")
-        shapes.append(tuple(int(p) for p in parts))
-    return shapes
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def _torch_parallel_backend() -> str:
     for line in torch.__config__.parallel_info().splitlines():
         if line.startswith("ATen parallel backend:"):
@@ -511,20 +494,7 @@ def _torch_parallel_backend() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--shapes",
-        type=parse_shapes,
-        default=list(SHAPES),
-        help="comma-separated WIDTHxLAYERSxTOKENS (default: "
-        + ",".join("x".join(map(str, shape)) for shape in SHAPES)
-        + ")",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=15, help="interleaved rounds (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=3, help="steps per variant per round (default: %(default)s)"
-    )
+    add_timing_arguments(parser)
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
     parser.add_argument(
@@ -556,7 +526,7 @@ def main(argv=None) -> None:
         f"{args.repeats} rounds x {args.steps} steps per variant",
         flush=True,
     )
-    print(f"load average at start: {_load()}", flush=True)
+    print(f"load average at start: {load_average()}", flush=True)
     start = time.perf_counter()
     print(f"check: {check_against_peft(*CHECK_SHAPE)}", flush=True)
     results = []
@@ -572,7 +542,7 @@ def main(argv=None) -> None:
     met = sum(
         r.runs["peft-dora"].median_ms / r.runs["jax-dora"].median_ms >= GOAL for _, r in results
     )
-    print(f"\nload average at end: {_load()}")
+    print(f"\nload average at end: {load_average()}")
     print("\nStep time (median wall ms):\n")
     print(table)
     print(f"\nPEFT DoRA / dora-jax DoRA >= {GOAL:g}: {met} of {len(results)} shapes")
