@@ -188,8 +188,11 @@ def nnx_forward(
     from flax import nnx
 
     def forward(trainable, frozen, batch, rng):
-        del rng  # NNX layers carry their own rng streams
-        return nnx.merge(graphdef, trainable, frozen)(*inputs(batch))
+        model = nnx.merge(graphdef, trainable, frozen)
+        # The frozen tree holds the rng streams' counters, which a step does not update:
+        # reseed the dropout stream from the step's key so that every step draws anew.
+        nnx.reseed(model, dropout=rng)
+        return model(*inputs(batch))
 
     return forward
 

@@ -296,3 +296,16 @@ def test_two_processes_match_one(tmp_path):
     for key, want in _single_process_reference(3).items():
         err = np.abs(arrays[key] - want).max() / np.abs(want).max()
         assert err <= 1e-5, (key, err)
+
+
+def test_nnx_dropout_draws_new_masks_every_step():
+    layer = dora_jax.nnx.DoRALinear(8, 4, rank=2, dropout=0.5, rngs=nnx.Rngs(0, dropout=1))
+    layer.lora_b[...] = jax.random.normal(jax.random.key(2), layer.lora_b.shape)
+    graphdef, trainable, frozen = nnx.split(layer, nnx.LoRAParam, ...)
+    forward = train.nnx_forward(graphdef)
+    batch = {"inputs": jnp.ones((3, 8))}
+    first = forward(trainable, frozen, batch, jax.random.key(10))
+    again = forward(trainable, frozen, batch, jax.random.key(10))
+    other = forward(trainable, frozen, batch, jax.random.key(11))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(np.asarray(first - other)).max() > 0
