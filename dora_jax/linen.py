@@ -700,6 +700,8 @@ class DoRAEmbed(DoRAMixin, nn.Embed):
 # Wrapping unmodified models.
 
 
+# Exact types: a user's subclass may change the layer's computation, so it is not taken
+# for a plain Flax layer.
 ADAPTABLE = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
 
@@ -730,10 +732,10 @@ def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, contex
     if context.method_name == "__call__" and path:
         trace.paths.add(path)
     if isinstance(module, DoRAMixin) or not path or not config.is_target(path):
-        if isinstance(module, ADAPTABLE) and not isinstance(module, DoRAMixin) and path:
+        if type(module) in ADAPTABLE and path:
             trace.adaptable.add(path)
         return next_fun(*args, **kwargs)
-    if not isinstance(module, ADAPTABLE):
+    if type(module) not in ADAPTABLE:
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         raise ValueError(
@@ -744,7 +746,8 @@ def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, contex
     trace.adaptable.add(path)
     trace.adapted.add(path)
     settings = config.settings(path)
-    a_init, b_init = default_inits(isinstance(module, nn.Embed))
+    kind = type(module)
+    a_init, b_init = default_inits(kind is nn.Embed)
     adapter = Adapter(
         module=module,
         settings=settings,
@@ -753,7 +756,7 @@ def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, contex
         lora_a_init=a_init,
         lora_b_init=b_init,
     )
-    if isinstance(module, nn.Embed):
+    if kind is nn.Embed:
         if context.method_name == "setup":
             next_fun(*args, **kwargs)
             adapters = adapter.variables(module.embedding, ops.dense_layout())
@@ -766,11 +769,11 @@ def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, contex
         return next_fun(*args, **kwargs)
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-    if isinstance(module, nn.Dense):
+    if kind is nn.Dense:
         return dense_call(module, *args, adapter)
-    if isinstance(module, nn.DenseGeneral):
+    if kind is nn.DenseGeneral:
         return dense_general_call(module, *args, adapter)
-    if isinstance(module, nn.Conv):
+    if kind is nn.Conv:
         return conv_call(module, *args, adapter)
     return einsum_call(
         module, args[0], kwargs.get("einsum_str", args[1] if len(args) > 1 else None), adapter
@@ -793,16 +796,24 @@ class DoRAModel(nn.Module):
         nn.share_scope(self, self.model)  # the model's params keep their own paths
 
     def __call__(self, *args, **kwargs):
+        return self.run("__call__", *args, **kwargs)
+
+    def run(self, method: str | Callable, *args, **kwargs):
+        """Run a method of the wrapped model (a name, or the unbound method) with DoRA."""
+        name = method if isinstance(method, str) else method.__name__
         trace = _Trace()
         with nn.intercept_methods(functools.partial(_intercept, self.config, trace)):
-            out = self.model(*args, **kwargs)
+            out = getattr(self.model, name)(*args, **kwargs)
         if trace.paths and not trace.adapted:
             self.config.check_matched(trace.paths, trace.adaptable)
         return out
 
-    def init(self, rngs, *args, **kwargs):
-        """``init`` of the model plus adapters; magnitudes from the fresh base weights."""
-        return split_adapters(super().init(rngs, *args, **kwargs))
+    def init(self, rngs, *args, method=None, **kwargs):
+        """``init`` of the model plus adapters; magnitudes from the fresh base weights.
+
+        ``method`` names a method of the wrapped model, as in Flax.
+        """
+        return split_adapters(super().init(rngs, *args, method=_model_method(method), **kwargs))
 
     def init_from_params(self, rngs, params: Mapping[str, Any], *args, **kwargs):
         """Adapters for pretrained ``params``: magnitudes are computed from them.
@@ -811,16 +822,32 @@ class DoRAModel(nn.Module):
         initialised as ``init`` would.
         """
         rngs = {"params": rngs} if not isinstance(rngs, Mapping) else rngs
-        _, variables = super().apply({"params": params}, *args, rngs=rngs, mutable=True, **kwargs)
+        method = _model_method(kwargs.pop("method", None))
+        _, variables = super().apply(
+            {"params": params}, *args, rngs=rngs, mutable=True, method=method, **kwargs
+        )
         return split_adapters(variables)
 
-    def apply(self, variables, *args, mutable=False, **kwargs):
-        """``apply`` of the model with the adapters in ``variables["dora"]``."""
-        result = super().apply(join_adapters(variables), *args, mutable=mutable, **kwargs)
+    def apply(self, variables, *args, method=None, mutable=False, **kwargs):
+        """``apply`` of the model with the adapters in ``variables["dora"]``.
+
+        ``method`` names a method of the wrapped model (``"encode"`` or
+        ``Model.encode``), as in Flax.
+        """
+        result = super().apply(
+            join_adapters(variables), *args, method=_model_method(method), mutable=mutable, **kwargs
+        )
         if mutable is False:
             return result
         out, updates = result
         return out, split_adapters(updates)
+
+
+def _model_method(method):
+    """A Flax ``method=`` argument of :class:`DoRAModel` running the wrapped model's one."""
+    if method is None:
+        return None
+    return lambda wrapper, *args, **kwargs: wrapper.run(method, *args, **kwargs)
 
 
 def wrap(model: nn.Module, config: DoRAConfig) -> DoRAModel:

@@ -603,3 +603,45 @@ def test_recompute_magnitudes_after_loading_new_base_weights():
         assert models.relative_error(cache, norm_sq) <= 1e-6, path
         for factor in ("lora_a", "lora_b"):  # kept
             np.testing.assert_array_equal(dora[factor], _get(w.variables["dora"], path)[factor])
+
+
+class _TwoStage(nn.Module):
+    """A model with a second method, ``encode``, to call through ``method=``."""
+
+    def setup(self):
+        self.enc = nn.Dense(8)
+        self.head = nn.Dense(2)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.encode(x)))
+
+
+@pytest.mark.parametrize("method", ["encode", _TwoStage.encode], ids=["name", "function"])
+def test_method_argument_runs_the_wrapped_models_method(method):
+    model, x = _TwoStage(), jax.random.normal(models.key(0), (3, 4))
+    wrapped = dora_linen.wrap(model, DoRAConfig(targets=["enc"], rank=2))
+    variables = wrapped.init(models.key(1), x, method=method)
+    assert set(variables["dora"]) == {"enc"}
+    variables["dora"] = jax.tree.map(lambda a: a + 0.3, variables["dora"])
+    encoded = wrapped.apply(variables, x, method=method)
+    merged = dora_linen.merge_params(wrapped, variables, x, method=method)
+    expected = model.apply({"params": merged}, x, method="encode")
+    assert encoded.shape == (3, 8)
+    assert models.relative_error(encoded, expected) <= 1e-5
+
+
+def test_subclasses_of_flax_layers_are_not_taken_for_plain_layers():
+    class Custom(nn.Dense):
+        pass
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Custom(3, name="mine")(x)
+
+    wrapped = dora_linen.wrap(Model(), DoRAConfig(targets=["mine"]))
+    with pytest.raises(ValueError, match=r"'mine', a .*Custom; DoRA adapts nn.Dense"):
+        wrapped.init(models.key(0), jnp.ones((2, 4)))
