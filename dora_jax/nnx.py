@@ -5,7 +5,8 @@ keeps its ``kernel`` and ``bias`` where they were, and adds::
 
     lora_a, lora_b   DoRAParam      (an nnx.LoRAParam)
     magnitude        Magnitude      (an nnx.LoRAParam)
-    base_norm_sq     BaseNormCache  (not a parameter: the cached ||W0||_c^2)
+    base_norm_sq     NormCache      (not a parameter: the cached ||W0||_c^2)
+    inference_norm   NormCache      (only after cache_norms: the whole norm, inference)
 
 Because the adapters are ``nnx.LoRAParam``\\ s, ``nnx.grad(..., wrt=nnx.LoRAParam)``,
 ``nnx.Optimizer(..., wrt=nnx.LoRAParam)`` and every tool that already filters LoRA
@@ -45,8 +46,9 @@ class Magnitude(nnx.LoRAParam):
     """The trainable DoRA magnitude ``m``, one value per output feature."""
 
 
-class BaseNormCache(nnx.Variable):
-    """``||W0||_c^2`` of the frozen kernel, cached; recompute it if the kernel changes."""
+class NormCache(nnx.Variable):
+    """A cached norm, not trained: ``||W0||_c^2`` of the frozen kernel, or (after
+    :func:`cache_norms`) the whole DoRA norm for inference."""
 
 
 _DORA_ARGS = (
@@ -114,7 +116,7 @@ class DoRAMixin:
         if use_dora:
             magnitude, base_norm_sq = self._magnitude_and_cache()
             self.magnitude = Magnitude(magnitude)
-            self.base_norm_sq = BaseNormCache(base_norm_sq)
+            self.base_norm_sq = NormCache(base_norm_sq)
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def recompute_magnitude(self) -> None:
@@ -140,7 +142,7 @@ class DoRAMixin:
                 base_norm_sq=self.base_norm_sq[...],
                 eps=self.eps,
             )
-            self.inference_norm = BaseNormCache(norm)
+            self.inference_norm = NormCache(norm)
 
     def _magnitude_and_cache(self) -> tuple[Array, Array]:
         kernel = getattr(self, self.kernel_name)[...]
