@@ -645,3 +645,38 @@ def test_subclasses_of_flax_layers_are_not_taken_for_plain_layers():
     wrapped = dora_linen.wrap(Model(), DoRAConfig(targets=["mine"]))
     with pytest.raises(ValueError, match=r"'mine', a .*Custom; DoRA adapts nn.Dense"):
         wrapped.init(models.key(0), jnp.ones((2, 4)))
+
+
+def test_vmapped_ensemble_gets_per_member_adapters():
+    class Member(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="fc")(x)
+
+    class Ensemble(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            members = nn.vmap(
+                Member,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=None,
+                axis_size=3,
+            )
+            return members(name="members")(x)
+
+    model, x = Ensemble(), jax.random.normal(models.key(0), (2, 5))
+    params = model.init(models.key(1), x)["params"]
+    wrapped = dora_linen.wrap(model, DoRAConfig(targets=["fc"], rank=2))
+    variables = wrapped.init_from_params(models.key(2), params, x)
+    shapes = jax.tree.map(jnp.shape, variables["dora"])
+    assert shapes == {
+        "members": {"fc": {"lora_a": (3, 5, 2), "lora_b": (3, 2, 4), "magnitude": (3, 4)}}
+    }
+    base = model.apply({"params": params}, x)
+    assert models.relative_error(wrapped.apply(variables, x), base) <= 1e-6
+    variables["dora"] = jax.tree.map(lambda a: a + 0.2, variables["dora"])
+    merged = dora_linen.merge_params(wrapped, variables, x)
+    adapted = wrapped.apply(variables, x)
+    assert models.relative_error(model.apply({"params": merged}, x), adapted) <= 1e-5
+    assert models.relative_error(adapted, base) > 1e-2
