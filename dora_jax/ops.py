@@ -14,13 +14,15 @@ axes (one magnitude each). LoRA factors are stored in canonical order::
 
     lora_a: (*batch, *in, r)      lora_b: (*batch, r, *out)      magnitude: (*batch, *out)
 
-Two facts keep DoRA as cheap as LoRA:
+Three facts keep DoRA as cheap as LoRA:
 
 * the norm is never taken of a materialised ``W0 + s*A@B``; it is expanded as
   ``||W0||^2 + 2s colsum(B * A^T W0) + s^2 colsum(B * (A^T A) B)``, so the only extra
   work is the ``(r, in) @ (in, out)`` product ``A^T W0``, and ``||W0||^2`` is cached;
 * the norm is detached by default (the paper's constant-C gradient, section 4.3), so it
-  adds nothing to the backward pass.
+  adds nothing to the backward pass;
+* for Dense layers with few tokens, ``x @ W0`` and ``A^T W0`` are one product of the
+  stacked ``[x; A^T]`` with ``W0`` (:func:`kernel_products`), so ``W0`` is read once.
 """
 
 from __future__ import annotations
@@ -426,7 +428,7 @@ def adapter_forward(
     """The adapted layer's output without bias, for any linear layer.
 
     The layer supplies its own linear map, so one function serves Dense, DenseGeneral,
-    Conv and Embed.
+    Einsum, Conv and Embed.
 
     Args:
       x: the layer input.
