@@ -10,10 +10,11 @@ The math lives once in :mod:`dora_jax.ops`; everything else is a thin front end:
   :func:`~dora_jax.nnx.apply_dora` for unmodified NNX models;
 * :class:`DoRAConfig`: which layers to adapt, and how;
 * :mod:`dora_jax.train`: the frozen-base training step, data parallel, FSDP, multi-host;
-* :mod:`dora_jax.summary`: trainable-parameter summaries.
+* :mod:`dora_jax.summary`: trainable-parameter summaries;
+* :mod:`dora_jax.analysis`: magnitude and direction changes (the paper's section 2).
 """
 
-from dora_jax import linen, nnx, ops, summary, train
+from dora_jax import analysis, linen, nnx, ops, summary, train
 from dora_jax.config import DoRAConfig, LayerSettings
 from dora_jax.linen import (
     DoRAConv,
@@ -36,6 +37,7 @@ __all__ = [
     "DoRAEinsum",
     "DoRAEmbed",
     "LayerSettings",
+    "analysis",
     "cache_norms",
     "linen",
     "merge_params",
