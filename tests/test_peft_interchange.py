@@ -1,0 +1,154 @@
+"""Adapters move between dora-jax and PEFT: files written by one load in the other.
+
+Each direction is checked at the output level against PEFT itself: the same base weights
+with the exchanged adapters give the same outputs (1e-5 relative) in torch and in Flax.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dora_jax
+from dora_jax import peft as dora_peft
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 8)
+        self.conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+        self.fc1 = torch.nn.Linear(6, 10)
+        self.head = torch.nn.Linear(10, 3)
+
+    def forward(self, ids):
+        x = self.emb(ids)  # (B, H, W, 8)
+        x = torch.tanh(self.conv(x.permute(0, 3, 1, 2))).mean((2, 3))
+        return self.head(torch.tanh(self.fc1(x)))
+
+
+class FlaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(12, 8, name="emb")(ids)
+        x = jnp.tanh(nn.Conv(6, (3, 3), padding=((1, 1), (1, 1)), name="conv")(x)).mean((1, 2))
+        return nn.Dense(3, name="head")(jnp.tanh(nn.Dense(10, name="fc1")(x)))
+
+
+def _flax_params(net):
+    p = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    return {
+        "emb": {"embedding": p["emb.weight"]},
+        "conv": {"kernel": p["conv.weight"].transpose(2, 3, 1, 0), "bias": p["conv.bias"]},
+        "fc1": {"kernel": p["fc1.weight"].T, "bias": p["fc1.bias"]},
+        "head": {"kernel": p["head.weight"].T, "bias": p["head.bias"]},
+    }
+
+
+def _ids():
+    return np.random.default_rng(0).integers(0, 12, size=(2, 4, 4))
+
+
+def _config(**kwargs):
+    settings = dict(
+        targets=["emb", "conv", "fc1"],
+        rank=2,
+        alpha=4.0,
+        rank_pattern={"fc1": 3},
+        alpha_pattern={"conv": 6.0},
+        modules_to_save=["head"],
+    )
+    return dora_jax.DoRAConfig(**{**settings, **kwargs})
+
+
+def _flax_side(net, config):
+    wrapped = dora_jax.linen.wrap(FlaxNet(), config)
+    variables = wrapped.init_from_params(jax.random.key(0), _flax_params(net), _ids())
+    return wrapped, variables
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_peft_adapter_loads_into_flax(tmp_path, use_dora):
+    torch.manual_seed(0)
+    net = TorchNet()
+    base_params = _flax_params(net)  # before PEFT wraps the layers in place
+    base = FlaxNet().apply({"params": base_params}, _ids())
+    peft_config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["emb", "conv", "fc1"],
+        rank_pattern={"fc1": 3},
+        alpha_pattern={"conv": 6},
+        modules_to_save=["head"],
+        use_dora=use_dora,
+        init_lora_weights=False,  # random A and B, so every adapter matters
+    )
+    model = peft.get_peft_model(net, peft_config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name:
+                param.mul_(1.0 + 0.1 * torch.randn_like(param))
+        expected = model(torch.as_tensor(_ids())).numpy()
+    model.save_pretrained(tmp_path)
+
+    config = dora_peft.load_config(tmp_path)
+    assert config.use_dora is use_dora and config.rank == 2
+    wrapped, variables = _flax_side(TorchNet(), config)  # other base weights: replaced below
+    variables["params"] = {**base_params, "head": variables["params"]["head"]}
+    variables.pop("dora_cache", None)  # it belonged to the other base weights
+    loaded = dora_peft.load_pretrained(tmp_path, variables, config)
+    got = wrapped.apply(loaded, _ids())
+    assert _rel(got, expected) <= 1e-5
+    assert _rel(got, base) > 1e-2  # the adapters changed the output
+
+
+def test_flax_adapter_loads_into_peft(tmp_path):
+    torch.manual_seed(1)
+    net = TorchNet()
+    config = _config()
+    wrapped, variables = _flax_side(net, config)
+    leaves, treedef = jax.tree.flatten(variables["dora"])
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    noisy = [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    variables["dora"] = jax.tree.unflatten(treedef, noisy)
+    variables["params"]["head"]["bias"] = variables["params"]["head"]["bias"] + 0.5
+    expected = wrapped.apply(variables, _ids())
+    dora_peft.save_pretrained(tmp_path, variables, config)
+
+    model = peft.PeftModel.from_pretrained(net, tmp_path)
+    with torch.no_grad():
+        got = model(torch.as_tensor(_ids())).numpy()
+    assert _rel(got, expected) <= 1e-5
+
+
+def test_round_trip_and_errors(tmp_path):
+    torch.manual_seed(2)
+    net = TorchNet()
+    config = _config()
+    _, variables = _flax_side(net, config)
+    variables["dora"] = jax.tree.map(lambda a: a + 0.1, variables["dora"])
+    dora_peft.save_pretrained(tmp_path, variables, config)
+    _, fresh = _flax_side(net, config)
+    loaded = dora_peft.load_pretrained(tmp_path, fresh, config)
+    for got, want in zip(
+        jax.tree.leaves(loaded["dora"]), jax.tree.leaves(variables["dora"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    reloaded = dora_peft.load_config(tmp_path)
+    assert reloaded.rank_pattern == {"fc1": 3} and reloaded.alpha_pattern == {"conv": 6.0}
+
+    _, fewer = _flax_side(net, _config(targets=["fc1"]))
+    with pytest.raises(ValueError, match=r"modules the model has none for: \['conv', 'emb'\]"):
+        dora_peft.load_pretrained(tmp_path, fewer, config)
+    _, other_rank = _flax_side(net, _config(rank_pattern={}))
+    with pytest.raises(ValueError, match=r"'fc1': PEFT's lora_a converts to shape \(6, 3\)"):
+        dora_peft.load_pretrained(tmp_path, other_rank, config)
