@@ -11,11 +11,12 @@ The math lives once in :mod:`dora_jax.ops`; everything else is a thin front end:
 * :class:`DoRAConfig`: which layers to adapt, and how;
 * :mod:`dora_jax.train`: the frozen-base training step, data parallel, FSDP, multi-host;
 * :mod:`dora_jax.summary`: trainable-parameter summaries;
+* :mod:`dora_jax.checkpoint`: adapter-only Orbax checkpoints that resume exactly;
 * :mod:`dora_jax.peft`: adapters to and from HuggingFace PEFT;
 * :mod:`dora_jax.analysis`: magnitude and direction changes (the paper's section 2).
 """
 
-from dora_jax import analysis, linen, nnx, ops, peft, summary, train
+from dora_jax import analysis, checkpoint, linen, nnx, ops, peft, summary, train
 from dora_jax.config import DoRAConfig, LayerSettings
 from dora_jax.linen import (
     DoRAConv,
@@ -39,6 +40,7 @@ __all__ = [
     "DoRAEmbed",
     "LayerSettings",
     "analysis",
+    "checkpoint",
     "cache_norms",
     "linen",
     "merge_params",
