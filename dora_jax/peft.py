@@ -248,10 +248,15 @@ def load_config(path: str | Path) -> DoRAConfig:
 
 
 def _pattern(pattern: Mapping[str, Any] | None) -> dict[str, Any]:
-    # PEFT keys are torch names with dots; as Flax path patterns they read with slashes.
-    return {
-        key.replace(r"\.", "/").replace(".", "/"): value for key, value in (pattern or {}).items()
-    }
+    """PEFT pattern keys (torch names) as Flax path patterns: the inverse of
+    :func:`module_name` on separators (``layer.0`` -> ``layer_0``, ``a.b`` -> ``a/b``),
+    leaving regex wildcards such as ``.*`` alone."""
+    return {_flax_pattern(key): value for key, value in (pattern or {}).items()}
+
+
+def _flax_pattern(key: str) -> str:
+    key = re.sub(r"\\?\.(\d)", r"_\1", key)  # layer.0 or layer\.0 -> layer_0
+    return re.sub(r"\\\.|\.(?![*+?{])", "/", key)  # separators, not wildcards
 
 
 def load_pretrained(

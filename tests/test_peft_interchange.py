@@ -152,3 +152,27 @@ def test_round_trip_and_errors(tmp_path):
     _, other_rank = _flax_side(net, _config(rank_pattern={}))
     with pytest.raises(ValueError, match=r"'fc1': PEFT's lora_a converts to shape \(6, 3\)"):
         dora_peft.load_pretrained(tmp_path, other_rank, config)
+
+
+def test_load_config_reads_patterns_as_flax_paths(tmp_path):
+    import json
+
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "use_dora": True,
+                "r": 8,
+                "lora_alpha": 16,
+                "target_modules": ["query", "value"],
+                "rank_pattern": {"encoder.layer.0.attention.self.query": 4, "layer.*value": 2},
+                "alpha_pattern": {r"encoder\.layer\.11\.output\.dense": 32},
+            }
+        )
+    )
+    config = dora_peft.load_config(tmp_path)
+    assert config.rank_pattern == {"encoder/layer_0/attention/self/query": 4, "layer.*value": 2}
+    assert config.alpha_pattern == {"encoder/layer_11/output/dense": 32}
+    assert config.settings("encoder/layer_0/attention/self/query").rank == 4
+    assert config.settings("encoder/layer_3/attention/self/value").rank == 2
+    assert config.settings("encoder/layer_11/output/dense").alpha == 32
