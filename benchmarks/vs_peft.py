@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import gc
 import math
 import os
@@ -55,7 +54,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import flax
@@ -65,7 +63,12 @@ import numpy as np
 import optax
 import peft
 import torch
-from step_time import MLP, add_timing_arguments, load_average  # shared (same folder)
+from step_time import (  # shared with the other benchmarks (same folder)
+    MLP,
+    add_timing_arguments,
+    load_average,
+    make_step,
+)
 
 from dora_jax import ops
 
@@ -197,19 +200,6 @@ def jax_variables(model: MLP, weights: Weights, x: jax.Array) -> dict:
 
 
 # ----- the steps --------------------------------------------------------------------------
-
-
-def make_step(apply: Callable, optimizer: optax.GradientTransformation):
-    def loss_fn(trainable, frozen, x):
-        return jnp.mean(apply({**frozen, "dora": trainable}, x) ** 2)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, frozen, x):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step, loss_fn
 
 
 class Runner:
