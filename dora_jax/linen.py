@@ -299,25 +299,50 @@ class Adapter:
             )
             self.module.put_variable("params", self.kernel_name, merged)
             return apply_kernel(x, merged)
-        return ops.adapter_forward(
+        return adapted_output(
             x,
             kernel,
-            lora_a,
-            lora_b,
-            magnitude,
+            layout,
+            Adapters(lora_a, lora_b, magnitude, base_norm_sq, norm),
+            self.settings,
+            self.dropout(x),
             apply_kernel=apply_kernel,
             apply_lora_b=apply_lora_b,
             apply_lora_a=apply_lora_a,
             dense_like=dense_like,
             to_output=to_output,
-            layout=layout,
-            scale=self.settings.scale,
-            x_dropped=self.dropout(x),
-            detach_norm=self.settings.detach_norm,
-            base_norm_sq=base_norm_sq,
-            norm=norm,
-            eps=self.settings.eps,
         )
+
+
+def adapted_output(
+    x: Array,
+    kernel: Array,
+    layout: ops.Layout,
+    adapters: Adapters,
+    settings: LayerSettings,
+    x_dropped: Array | None,
+    **maps,
+) -> Array:
+    """:func:`dora_jax.ops.adapter_forward` for one layer's adapters and settings.
+
+    ``maps`` are the layer's linear maps (``apply_kernel``, ``apply_lora_b``, ...).
+    Shared by the Linen and the NNX layers.
+    """
+    return ops.adapter_forward(
+        x,
+        kernel,
+        adapters.lora_a,
+        adapters.lora_b,
+        adapters.magnitude,
+        layout=layout,
+        scale=settings.scale,
+        x_dropped=x_dropped,
+        detach_norm=settings.detach_norm,
+        base_norm_sq=adapters.base_norm_sq,
+        norm=adapters.norm,
+        eps=settings.eps,
+        **maps,
+    )
 
 
 def kaiming_uniform(layout: ops.Layout) -> nn.initializers.Initializer:

@@ -33,7 +33,7 @@ from flax import nnx
 from dora_jax import linen as dora_linen
 from dora_jax import ops
 from dora_jax import summary as dora_summary
-from dora_jax.config import DoRAConfig
+from dora_jax.config import DoRAConfig, LayerSettings
 
 Array = jax.Array
 
@@ -104,7 +104,17 @@ class DoRAMixin:
         self.layout = layout
         self.rank, self.alpha, self.dropout, self.rslora = rank, alpha, dropout, rslora
         self.use_dora, self.detach_norm, self.eps = use_dora, detach_norm, eps
-        self.scale = ops.scaling(rank, alpha, rslora)
+        self.settings = LayerSettings(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            rslora=rslora,
+            use_dora=use_dora,
+            detach_norm=detach_norm,
+            eps=eps,
+            adapter_dtype=adapter_dtype,
+        )
+        self.scale = self.settings.scale
         a_shape, b_shape, _ = layout.lora_shapes(kernel.shape, rank)
         a_init = lora_a_init or self.default_lora_a_init or dora_linen.kaiming_uniform(layout)
         b_init = lora_b_init or self.default_lora_b_init
@@ -180,24 +190,25 @@ class DoRAMixin:
             None if magnitude is None else magnitude.shape,
             type(self).__name__,
         )
-        return ops.adapter_forward(
-            x,
-            kernel,
+        adapters = dora_linen.Adapters(
             lora_a,
             lora_b,
             magnitude,
+            self.base_norm_sq[...] if self.use_dora else None,
+            None if self.inference_norm is None else self.inference_norm[...],
+        )
+        return dora_linen.adapted_output(
+            x,
+            kernel,
+            self.layout,
+            adapters,
+            self.settings,
+            self._dropped(x, deterministic),
             apply_kernel=apply_kernel,
             apply_lora_b=apply_lora_b,
             apply_lora_a=apply_lora_a,
             dense_like=dense_like,
             to_output=to_output,
-            layout=self.layout,
-            scale=self.scale,
-            x_dropped=self._dropped(x, deterministic),
-            detach_norm=self.detach_norm,
-            base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
-            norm=None if self.inference_norm is None else self.inference_norm[...],
-            eps=self.eps,
         )
 
     def merged(self) -> nnx.Module:
