@@ -374,7 +374,7 @@ def build_table(results: list[Result], tokens: int) -> str:
 
 def build_summary(results: list[Result], tokens: int) -> str:
     head = ["kernel", "rank", "DoRA/LoRA step", "flop ratio", "1 + r/(2N)"]
-    head += ["DoRA - LoRA temp MiB", "N*out*4 B in MiB", "max rel. err", "rounds"]
+    head += ["DoRA - LoRA temp MiB", "one N x out activation MiB", "max rel. err", "rounds"]
     lines = [fmt_row(head), fmt_row(["---"] * len(head))]
     for r in results:
         fan_out = r.kernel[1]
@@ -382,7 +382,8 @@ def build_summary(results: list[Result], tokens: int) -> str:
         row += [f"{r.ms['DoRA step'] / r.ms['LoRA step']:.3f}"]
         row += [f"{r.flops['DoRA step'] / r.flops['LoRA step']:.4f}"]
         row += [f"{1 + r.rank / (2 * tokens):.4f}"]
-        row += [mib(r.temp["DoRA step"] - r.temp["LoRA step"]), mib(tokens * fan_out * 4.0)]
+        activation = tokens * fan_out * jnp.dtype(DTYPE).itemsize
+        row += [mib(r.temp["DoRA step"] - r.temp["LoRA step"]), mib(activation)]
         row += [f"{max(r.errors.values()):.1e}", r.rounds]
         lines.append(fmt_row(row))
     return "\n".join(lines)
