@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -595,6 +595,82 @@ def clear_norms(model: nnx.Module) -> nnx.Module:
         if isinstance(module, DoRAMixin):
             module.inference_norm = nnx.data(None)
     return model
+
+
+def as_linen_variables(model: nnx.Module) -> dict[str, Any]:
+    """The adapters and their base weights in the Linen layout, as plain arrays.
+
+    ``{"params": {path...: {"kernel", "bias"} or {"embedding"}}, "dora": {path...:
+    {"lora_a", "lora_b", "magnitude"}}}`` for every DoRA layer, with the
+    :class:`SavedParam` variables of saved modules under ``"params"`` too: what
+    :mod:`dora_jax.peft` and :mod:`dora_jax.analysis` read. Paths are the module
+    attribute names (list items by index), as :func:`apply_dora` names them.
+    """
+    params: dict[str, Any] = {}
+    dora: dict[str, Any] = {}
+    for path, node in nnx.iter_graph(model):
+        keys = tuple(str(p) for p in path)
+        if isinstance(node, DoRAMixin):
+            adapters = {"lora_a": node.lora_a[...], "lora_b": node.lora_b[...]}
+            if node.use_dora:
+                adapters["magnitude"] = node.magnitude[...]
+            _set_nested(dora, keys, adapters)
+            base = {node.kernel_name: getattr(node, node.kernel_name)[...]}
+            if getattr(node, "bias", None) is not None:
+                base["bias"] = node.bias[...]
+            _set_nested(params, keys, base)
+        elif isinstance(node, SavedParam):
+            _set_nested(params, keys, node[...])
+    return {"params": params, dora_linen.DORA: dora}
+
+
+def update_from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx.Module:
+    """Set the model's adapters and saved parameters from Linen-layout ``variables``.
+
+    The inverse of :func:`as_linen_variables` for everything that trains: every DoRA
+    layer's ``lora_a``, ``lora_b``, ``magnitude`` and every :class:`SavedParam`; base
+    kernels are left alone. Inference norm caches are dropped (they belonged to the old
+    adapters). In place; returns the model.
+
+    Raises:
+      ValueError: naming the path when ``variables`` lacks a value or its shape differs.
+    """
+    updates = []
+    for path, node in nnx.iter_graph(model):
+        keys = tuple(str(p) for p in path)
+        if isinstance(node, DoRAMixin):
+            names = ("lora_a", "lora_b", "magnitude") if node.use_dora else ("lora_a", "lora_b")
+            source = _get_nested(variables.get(dora_linen.DORA, {}), keys)
+            for name in names:
+                updates.append(("/".join((*keys, name)), getattr(node, name), source, name))
+        elif isinstance(node, SavedParam):
+            source = _get_nested(variables.get("params", {}), keys[:-1])
+            updates.append(("/".join(keys), node, source, keys[-1]))
+    new_values = []
+    for where, variable, source, name in updates:
+        value = None if source is None else source.get(name)
+        if value is None or tuple(value.shape) != tuple(variable.shape):
+            got = "nothing" if value is None else f"shape {tuple(value.shape)}"
+            raise ValueError(f"{where!r}: expected shape {tuple(variable.shape)}; got {got}.")
+        new_values.append(jnp.asarray(value, variable.dtype))
+    # Everything is checked before anything changes.
+    for (_, variable, _, _), value in zip(updates, new_values, strict=True):
+        variable.set_value(value)
+    return clear_norms(model)
+
+
+def _set_nested(tree: dict, keys: tuple[str, ...], value: Any) -> None:
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+def _get_nested(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def _replace(root: Any, path: tuple, value: Any) -> None:

@@ -14,7 +14,8 @@ Flax paths become torch module names by ``module_name``: ``/`` becomes ``.`` and
 trailing ``_<n>`` of a path segment becomes ``.<n>`` (``encoder/layer_0/attention`` is
 ``encoder.layer.0.attention``, HuggingFace's naming); pass your own for other models.
 
-Dense (2-d kernel), Conv and Embed layers move; a layer PEFT has no counterpart for
+Linen variables and NNX models (through :func:`dora_jax.nnx.as_linen_variables`) both
+move. Dense (2-d kernel), Conv and Embed layers move; a layer PEFT has no counterpart for
 (DenseGeneral with several axes, Einsum, scanned layers) raises a ``ValueError`` naming
 its path. No pickle is involved: arrays are safetensors, the config is JSON.
 """
@@ -28,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
+from dora_jax import nnx as dora_nnx
 from dora_jax.config import DoRAConfig
 from dora_jax.linen import DORA
 
@@ -170,7 +173,8 @@ def save_pretrained(
 
     Args:
       path: folder to create (``adapter_model.safetensors``, ``adapter_config.json``).
-      variables: with ``"params"`` and ``"dora"`` (a wrapped model's or DoRA layers').
+      variables: with ``"params"`` and ``"dora"`` (a wrapped model's or DoRA layers'),
+        or an NNX model adapted by :func:`dora_jax.nnx.apply_dora`.
       config: the :class:`~dora_jax.DoRAConfig` the adapters were made with.
       module_name: Flax path -> torch module name.
 
@@ -179,6 +183,7 @@ def save_pretrained(
     """
     from safetensors.numpy import save_file
 
+    variables = _linen_variables(variables)
     tensors: dict[str, np.ndarray] = {}
     targets, rank_pattern, alpha_pattern = [], {}, {}
     for flax_path, layer in _adapted_layers(variables).items():
@@ -261,21 +266,23 @@ def _flax_pattern(key: str) -> str:
 
 def load_pretrained(
     path: str | Path,
-    variables: Mapping[str, Any],
+    variables: Any,
     config: DoRAConfig | None = None,
     *,
     module_name: Callable[[str], str] = module_name,
-) -> dict[str, Any]:
+) -> Any:
     """Fill ``variables``' adapters (and saved modules) from a PEFT adapter folder.
 
     Args:
       path: a folder written by PEFT's ``save_pretrained`` (or :func:`save_pretrained`).
       variables: from ``init`` of a model wrapped with the matching config, e.g.
-        :func:`load_config`'s; its adapter shapes are checked against the file's.
+        :func:`load_config`'s; its adapter shapes are checked against the file's. Or an
+        NNX model adapted by :func:`dora_jax.nnx.apply_dora` with that config.
       config: names ``modules_to_save`` to load (default: :func:`load_config`'s).
       module_name: Flax path -> torch module name.
     Returns:
       new variables; the ``"dora_cache"`` is kept (it depends on the base weights only).
+      An NNX model is updated in place and returned.
 
     Raises:
       ValueError: naming the module when a tensor is missing or does not fit, and
@@ -283,6 +290,11 @@ def load_pretrained(
     """
     from safetensors.numpy import load_file
 
+    if isinstance(variables, nnx.Module):
+        loaded = load_pretrained(
+            path, dora_nnx.as_linen_variables(variables), config, module_name=module_name
+        )
+        return dora_nnx.update_from_linen_variables(variables, loaded)
     config = config or load_config(path)
     raw = load_file(str(Path(path) / WEIGHTS))
     tensors = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
@@ -320,6 +332,12 @@ def load_pretrained(
             f"adapted here: {sorted(module_name(p) for p in _adapted_layers(variables))}."
         )
     return {**variables, DORA: dora, "params": params}
+
+
+def _linen_variables(target: Any) -> Mapping[str, Any]:
+    if isinstance(target, nnx.Module):
+        return dora_nnx.as_linen_variables(target)
+    return target
 
 
 def _copy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:

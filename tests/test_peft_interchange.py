@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import dora_jax
 from dora_jax import peft as dora_peft
@@ -71,17 +72,9 @@ def _flax_side(net, config):
     return wrapped, variables
 
 
-def _rel(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
-def test_peft_adapter_loads_into_flax(tmp_path, use_dora):
-    torch.manual_seed(0)
-    net = TorchNet()
-    base_params = _flax_params(net)  # before PEFT wraps the layers in place
-    base = FlaxNet().apply({"params": base_params}, _ids())
+def _save_random_peft_adapter(net, use_dora, path):
+    """Wrap ``net`` with PEFT (random A, B; perturbed magnitudes and head), save it to
+    ``path``, and return PEFT's output."""
     peft_config = peft.LoraConfig(
         r=2,
         lora_alpha=4,
@@ -98,7 +91,22 @@ def test_peft_adapter_loads_into_flax(tmp_path, use_dora):
             if "lora_magnitude_vector" in name or "modules_to_save" in name:
                 param.mul_(1.0 + 0.1 * torch.randn_like(param))
         expected = model(torch.as_tensor(_ids())).numpy()
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(path)
+    return expected
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_peft_adapter_loads_into_flax(tmp_path, use_dora):
+    torch.manual_seed(0)
+    net = TorchNet()
+    base_params = _flax_params(net)  # before PEFT wraps the layers in place
+    base = FlaxNet().apply({"params": base_params}, _ids())
+    expected = _save_random_peft_adapter(net, use_dora, tmp_path)
 
     config = dora_peft.load_config(tmp_path)
     assert config.use_dora is use_dora and config.rank == 2
@@ -176,3 +184,80 @@ def test_load_config_reads_patterns_as_flax_paths(tmp_path):
     assert config.settings("encoder/layer_0/attention/self/query").rank == 4
     assert config.settings("encoder/layer_3/attention/self/value").rank == 2
     assert config.settings("encoder/layer_11/output/dense").alpha == 32
+
+
+# ----- NNX models move the same way -----------------------------------------------------
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(12, 8, rngs=rngs)
+        self.conv = nnx.Conv(8, 6, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+        self.fc1 = nnx.Linear(6, 10, rngs=rngs)
+        self.head = nnx.Linear(10, 3, rngs=rngs)
+
+    def __call__(self, ids):
+        x = jnp.tanh(self.conv(self.emb(ids))).mean((1, 2))
+        return self.head(jnp.tanh(self.fc1(x)))
+
+
+def _nnx_side(net, config):
+    """An NNX model with ``net``'s base weights and DoRA from ``config``."""
+    model = NNXNet(nnx.Rngs(0))
+    for name, layer in _flax_params(net).items():
+        for key, value in layer.items():
+            getattr(getattr(model, name), key).set_value(jnp.asarray(value))
+    return dora_jax.nnx.apply_dora(model, config, rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("use_dora", [True, False], ids=["dora", "lora"])
+def test_peft_adapter_loads_into_nnx(tmp_path, use_dora):
+    torch.manual_seed(3)
+    net = TorchNet()
+    model = _nnx_side(net, _config(use_dora=use_dora))  # before PEFT wraps net in place
+    base = model(_ids())
+    expected = _save_random_peft_adapter(net, use_dora, tmp_path)
+
+    assert dora_peft.load_pretrained(tmp_path, model, dora_peft.load_config(tmp_path)) is model
+    assert _rel(model(_ids()), expected) <= 1e-5
+    assert _rel(model(_ids()), base) > 1e-2
+
+
+def test_nnx_adapter_loads_into_peft(tmp_path):
+    torch.manual_seed(4)
+    net = TorchNet()
+    config = _config()
+    model = _nnx_side(net, config)
+    trainable = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(6), len(leaves))
+    noisy = [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))  # adapters and the saved head
+    expected = model(_ids())
+    dora_peft.save_pretrained(tmp_path, model, config)
+
+    peft_model = peft.PeftModel.from_pretrained(net, tmp_path)
+    with torch.no_grad():
+        got = peft_model(torch.as_tensor(_ids())).numpy()
+    assert _rel(got, expected) <= 1e-5
+
+    # And back into a fresh NNX model: the same adapters, bit for bit.
+    fresh = _nnx_side(TorchNet(), config)
+    dora_peft.load_pretrained(tmp_path, fresh, config)
+    for got, want in zip(jax.tree.leaves(nnx.state(fresh, nnx.LoRAParam)), noisy, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_nnx_update_checks_everything_before_changing_anything():
+    config = _config()
+    model = _nnx_side(TorchNet(), config)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+    variables = dora_jax.nnx.as_linen_variables(model)
+    assert set(variables["dora"]) == {"emb", "conv", "fc1"}
+    assert set(variables["params"]["head"]) == {"kernel", "bias"}
+    variables["dora"]["emb"]["lora_a"] = variables["dora"]["emb"]["lora_a"] + 1.0
+    variables["dora"]["fc1"]["lora_b"] = np.zeros((2, 10), np.float32)  # rank 3 in the model
+    with pytest.raises(ValueError, match=r"'fc1/lora_b': expected shape \(3, 10\); got shape"):
+        dora_jax.nnx.update_from_linen_variables(model, variables)
+    after = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
