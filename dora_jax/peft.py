@@ -231,16 +231,19 @@ def save_pretrained(
 def load_config(path: str | Path) -> DoRAConfig:
     """A :class:`~dora_jax.DoRAConfig` from a PEFT ``adapter_config.json``.
 
-    ``target_modules`` given as names keep their meaning (path suffixes); patterns are
-    kept as regular expressions over the Flax path, so use names that Flax and torch
-    share, or write the config yourself.
+    ``target_modules`` given as names keep their meaning (path suffixes): torch module
+    names become Flax paths, ``.`` a ``/`` and ``.<n>`` either ``_<n>`` (Linen's
+    ``layer_0``) or ``/<n>`` (an NNX list item), so ``encoder.layer.0.query`` matches
+    ``encoder/layer_0/query`` and ``hidden.0`` matches ``hidden/0``. A regular
+    expression given as ``target_modules`` is kept as it is, over the Flax path. Keys of
+    ``rank_pattern`` and ``alpha_pattern`` are translated in the same way.
     """
     data = json.loads((Path(path) / CONFIG).read_text())
     if data.get("peft_type") != "LORA":
         raise ValueError(f"{path}: not a LoRA/DoRA adapter (peft_type={data.get('peft_type')!r}).")
     targets = data.get("target_modules") or ()
     return DoRAConfig(
-        targets=targets if isinstance(targets, str) else list(targets),
+        targets=targets if isinstance(targets, str) else _flax_names(targets),
         rank=int(data["r"]),
         alpha=float(data["lora_alpha"]),
         dropout=float(data.get("lora_dropout") or 0.0),
@@ -260,8 +263,23 @@ def _pattern(pattern: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _flax_pattern(key: str) -> str:
-    key = re.sub(r"\\?\.(\d)", r"_\1", key)  # layer.0 or layer\.0 -> layer_0
+    key = re.sub(r"\\?\.(\d)", r"[/_]\1", key)  # layer.0 or layer\.0 -> layer_0 or layer/0
     return re.sub(r"\\\.|\.(?![*+?{])", "/", key)  # separators, not wildcards
+
+
+def _flax_names(names: list[str]) -> list[str] | str:
+    """PEFT target names as Flax path suffixes: plain names stay a list; dotted torch
+    module names become one regex over whole paths (``(?:.*/)?`` keeps them suffixes)."""
+    if not any("." in name for name in names):
+        return list(names)
+
+    def one(name: str) -> str:
+        first, *rest = name.split(".")
+        return re.escape(first) + "".join(
+            ("[/_]" if part.isdigit() else "/") + re.escape(part) for part in rest
+        )
+
+    return "(?:.*/)?(?:" + "|".join(one(name) for name in names) + ")"
 
 
 def load_pretrained(

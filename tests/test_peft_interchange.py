@@ -179,11 +179,37 @@ def test_load_config_reads_patterns_as_flax_paths(tmp_path):
         )
     )
     config = dora_peft.load_config(tmp_path)
-    assert config.rank_pattern == {"encoder/layer_0/attention/self/query": 4, "layer.*value": 2}
-    assert config.alpha_pattern == {"encoder/layer_11/output/dense": 32}
-    assert config.settings("encoder/layer_0/attention/self/query").rank == 4
+    assert config.targets == ("query", "value")  # plain names stay path suffixes
+    assert config.rank_pattern == {
+        "encoder/layer[/_]0/attention/self/query": 4,
+        "layer.*value": 2,
+    }
+    assert config.alpha_pattern == {"encoder/layer[/_]11/output/dense": 32}
+    assert config.settings("encoder/layer_0/attention/self/query").rank == 4  # Linen
+    assert config.settings("encoder/layer/0/attention/self/query").rank == 4  # NNX list
     assert config.settings("encoder/layer_3/attention/self/value").rank == 2
     assert config.settings("encoder/layer_11/output/dense").alpha == 32
+
+
+def test_load_config_reads_torch_module_names_as_flax_paths(tmp_path):
+    """save_pretrained writes full torch names (``encoder.layer.0.query``); they must
+    select the same Flax layers again, Linen (``layer_0``) or NNX (``layer/0``)."""
+    import json
+
+    names = ["encoder.layer.0.attention.query", "encoder.layer.11.attention.query", "head"]
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": names})
+    )
+    config = dora_peft.load_config(tmp_path)
+    for path in (
+        "encoder/layer_0/attention/query",
+        "encoder/layer/11/attention/query",
+        "model/encoder/layer_11/attention/query",
+        "head",
+    ):
+        assert config.is_target(path), path
+    for path in ("encoder/layer_1/attention/query", "encoder/layer_0/attention/key", "heads"):
+        assert not config.is_target(path), path
 
 
 # ----- NNX models move the same way -----------------------------------------------------
