@@ -62,14 +62,20 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import optax
-
-# The repository's own package, also when it is not installed.
+# The repository's own package, also when it is not installed, and memory.py beside this.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import memory as xla_memory  # noqa: E402
+
+# Before JAX starts XLA: dump the training steps, for their peak live buffers.
+XLA_DUMPS = xla_memory.dump_xla("step")
+
+import flax  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
 import dora_jax  # noqa: E402
 
@@ -236,6 +242,7 @@ class Timed:
         self.estimate = math.nan  # seconds of one blocking call after warm-up
         self.state: dict[str, Any] = {}  # a training step's rolling state
         self.per_call: list[float] = []  # seconds per call, one value per timed batch
+        self.peak: xla_memory.PeakLive | None = None  # XLA's peak live set, if known
 
     def run(self, n: int) -> float:
         start = time.perf_counter()
@@ -270,6 +277,7 @@ def train_step(name: str, model, x, trainable, frozen) -> Timed:
 
     timed = Timed(name, compiled, run)
     timed.state = state
+    timed.peak = xla_memory.peak_live(XLA_DUMPS)
     return timed
 
 
@@ -283,6 +291,7 @@ class Result(NamedTuple):
     errors: dict[str, float]
     rounds: int
     setup_s: float
+    peaks: dict[str, xla_memory.PeakLive | None]
 
 
 def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol) -> Result:
@@ -342,6 +351,7 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
         errors=errors,
         rounds=rounds,
         setup_s=setup_s,
+        peaks={r.name: r.peak for r in runners[1:]},
     )
 
 
@@ -385,6 +395,24 @@ def build_summary(results: list[Result], tokens: int) -> str:
         activation = tokens * fan_out * jnp.dtype(DTYPE).itemsize
         row += [mib(r.temp["DoRA step"] - r.temp["LoRA step"]), mib(activation)]
         row += [f"{max(r.errors.values()):.1e}", r.rounds]
+        lines.append(fmt_row(row))
+    return "\n".join(lines)
+
+
+def build_peak_table(results: list[Result], tokens: int) -> str:
+    """XLA's peak live set of the two steps, and its activation-sized buffers."""
+    head = ["kernel", "rank", "LoRA peak MiB", "DoRA peak MiB", "DoRA - LoRA MiB"]
+    head += ["LoRA buffers >= half an activation", "DoRA buffers >= half an activation"]
+    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    for r in results:
+        lora, dora = r.peaks["LoRA step"], r.peaks["DoRA step"]
+        row = [f"{r.kernel[0]}x{r.kernel[1]}", r.rank]
+        if lora is None or dora is None:
+            lines.append(fmt_row(row + ["-"] * 5))
+            continue
+        half = tokens * r.kernel[1] * jnp.dtype(DTYPE).itemsize // 2
+        row += [mib(lora.bytes), mib(dora.bytes), mib(dora.bytes - lora.bytes)]
+        row += [lora.largest(half) or "-", dora.largest(half) or "-"]
         lines.append(fmt_row(row))
     return "\n".join(lines)
 
@@ -483,11 +511,14 @@ def main(argv=None) -> int:
     print(table)
     print("\nDoRA against LoRA (floor from DESIGN.md section 3; all checks passed):\n")
     print(summary)
+    peaks = build_peak_table(results, cfg.tokens)
+    print("\nPeak live memory of the steps (XLA's live-range analysis, arguments excluded):\n")
+    print(peaks)
     if skipped:
         print(f"\nskipped (over the {args.budget_s:.0f} s budget): {', '.join(skipped)}")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(table + "\n\n" + summary + "\n")
+            f.write(table + "\n\n" + summary + "\n\n" + peaks + "\n")
     print(f"\ntotal wall time {time.perf_counter() - start:.1f} s (after imports)")
     return 0
 

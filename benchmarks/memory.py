@@ -1,6 +1,6 @@
 """Where DoRA's training memory goes: XLA's temp allocation and its peak live set.
 
-Run: ``python benchmarks/memory.py`` (about a minute; compiles, never runs a step).
+Run: ``python benchmarks/memory.py`` (about 10 seconds; compiles, never runs a step).
 
 For the stacks of ``benchmarks/step_time.py`` it compiles LoRA's and DoRA's training step
 and reports two exact, repeatable figures per step:
@@ -15,44 +15,57 @@ and reports two exact, repeatable figures per step:
 
 Both are compared with the allowance ``layers * tokens * out * 4`` bytes: the one
 ``tokens x out`` activation per adapted layer that the magnitude's gradient needs.
+
+:func:`dump_xla` and :func:`peak_live` are also used by ``benchmarks/gpu.py``.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import os
 import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-# XLA reads its flags when the backend starts: set them before importing jax.
-DUMP_DIR = tempfile.mkdtemp(prefix="dora_jax_memory_")
-atexit.register(shutil.rmtree, DUMP_DIR, ignore_errors=True)
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_module_re=step"
-)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_time  # noqa: E402
+from typing import NamedTuple
 
 PARAMETER = re.compile(r"%(\S+) = \S+ parameter\(\d+\)")
+SHAPE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? ", re.MULTILINE)
 LIVE = re.compile(r"^\s+(\S+)\{[^}]*\}: (\d+) bytes", re.MULTILINE)
 
 
-def newest_dump(suffix: str) -> Path | None:
-    files = sorted(Path(DUMP_DIR).glob(f"*jit_step*{suffix}"))
-    return files[-1] if files else None
+def dump_xla(module_regex: str = "step") -> Path:
+    """Make XLA dump the programs whose name matches ``module_regex`` to a temporary
+    folder (removed at exit); return it. Call before JAX compiles anything: XLA reads
+    its flags when the backend starts."""
+    folder = Path(tempfile.mkdtemp(prefix="dora_jax_xla_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    flags = f" --xla_dump_to={folder} --xla_dump_hlo_module_re={module_regex}"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + flags
+    return folder
 
 
-def peak_live_bytes() -> int | None:
-    """Bytes of non-argument buffers live at the peak of the last compiled step."""
-    ranges, program = newest_dump("-live-range.txt"), newest_dump("after_optimizations.txt")
+class PeakLive(NamedTuple):
+    """Non-argument buffers alive at a program's point of peak memory."""
+
+    bytes: int
+    buffers: tuple[tuple[str, int], ...]  # (shape, bytes), largest first
+
+    def largest(self, at_least: int) -> str:
+        """``"2 x f32[128,4096], 1 x bf16[...]"`` for the buffers of ``at_least`` bytes."""
+        counts = collections.Counter(shape for shape, n in self.buffers if n >= at_least)
+        return ", ".join(f"{count} x {shape}" for shape, count in counts.most_common())
+
+
+def peak_live(folder: Path, module: str = "jit_step") -> PeakLive | None:
+    """The peak live set of the newest program named ``module`` dumped to ``folder``.
+
+    ``None`` where XLA wrote no live-range analysis (older or other backends).
+    """
+    newest = lambda suffix: max(folder.glob(f"*{module}*{suffix}"), default=None)  # noqa: E731
+    ranges, program = newest("-live-range.txt"), newest("after_optimizations.txt")
     if ranges is None or program is None:
         return None
     text = ranges.read_text()
@@ -60,22 +73,39 @@ def peak_live_bytes() -> int | None:
     if start < 0:
         return None
     peak = text[start : text.find("Stack trace", start)]
-    entry = program.read_text()
-    entry = entry[entry.find("ENTRY") :]
-    arguments = set(PARAMETER.findall(entry))
-    return sum(int(n) for name, n in LIVE.findall(peak) if name not in arguments)
-
-
-def measure(name: str, width: int, layers: int, tokens: int) -> tuple[int, int | None]:
-    x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
-    optimizer = optax.adamw(1e-3)
-    apply, frozen, trainable = step_time.make_variant(name, width, layers, x)
-    step, _ = step_time.make_step(apply, optimizer)
-    compiled = step.lower(trainable, optimizer.init(trainable), frozen, x).compile()
-    return compiled.memory_analysis().temp_size_in_bytes, peak_live_bytes()
+    hlo = program.read_text()
+    arguments = set(PARAMETER.findall(hlo[hlo.find("ENTRY") :]))
+    shapes = dict(SHAPE.findall(hlo))
+    buffers = sorted(
+        (
+            (shapes.get(name, name), int(n))
+            for name, n in LIVE.findall(peak)
+            if name not in arguments
+        ),
+        key=lambda item: -item[1],
+    )
+    return PeakLive(sum(n for _, n in buffers), tuple(buffers))
 
 
 def main() -> None:
+    folder = dump_xla()
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here.parent), str(here)]  # the repository's package, step_time.py
+    import step_time
+
+    def measure(name: str, width: int, layers: int, tokens: int) -> tuple[int, int | None]:
+        x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
+        optimizer = optax.adamw(1e-3)
+        apply, frozen, trainable = step_time.make_variant(name, width, layers, x)
+        step, _ = step_time.make_step(apply, optimizer)
+        compiled = step.lower(trainable, optimizer.init(trainable), frozen, x).compile()
+        peak = peak_live(folder)
+        return compiled.memory_analysis().temp_size_in_bytes, peak and peak.bytes
+
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, rank {step_time.RANK}")
     head = ["width", "layers", "tokens", "allowance B", "LoRA temp B", "DoRA temp B"]
     head += ["temp: DoRA - LoRA - allowance", "LoRA peak live B", "DoRA peak live B"]
