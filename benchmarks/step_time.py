@@ -48,7 +48,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -78,6 +78,7 @@ class MLP(nn.Module):
     layers: int
     use_dora: bool = True
     rank: int = RANK
+    dtype: Any = jnp.float32  # of the base weights and the computation
 
     @nn.compact
     def __call__(self, x):
@@ -88,6 +89,8 @@ class MLP(nn.Module):
                 alpha=ALPHA,
                 use_dora=self.use_dora,
                 lora_b_init=nn.initializers.normal(0.02),
+                dtype=self.dtype,
+                param_dtype=self.dtype,
                 name=f"layer_{i}",
             )
             x = jnp.tanh(layer(x))
@@ -179,7 +182,7 @@ def functional_mlp(layer_fn):
 def make_variant(name: str, width: int, layers: int, x):
     """``(apply, frozen, trainable)`` with ``apply(variables, x) -> y``."""
     use_dora = name != "lora"
-    model = MLP(width, layers, use_dora=use_dora)
+    model = MLP(width, layers, use_dora=use_dora, dtype=x.dtype)
     variables = model.init(jax.random.key(0), x)
     frozen = {"params": variables["params"]}
     if name in ("dora", "dora-fused", "dora-concat", "magnitude-only"):
@@ -198,7 +201,7 @@ def make_variant(name: str, width: int, layers: int, x):
 
 def make_step(apply: Callable, optimizer: optax.GradientTransformation):
     def loss_fn(trainable, frozen, x):
-        return jnp.mean(apply({**frozen, "dora": trainable}, x) ** 2)
+        return jnp.mean(jnp.square(apply({**frozen, "dora": trainable}, x).astype(jnp.float32)))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(trainable, opt_state, frozen, x):
@@ -296,8 +299,8 @@ def check_against_reference(runners: dict[str, Runner]) -> str:
     return f"gradients match the materialised reference (max rel. err {worst:.1e})"
 
 
-def measure_shape(width, layers, tokens, variants, repeats, steps_per_round, check):
-    x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
+def measure_shape(width, layers, tokens, variants, repeats, steps_per_round, check, dtype):
+    x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32).astype(dtype)
     optimizer = optax.adamw(1e-3)
     runners = {name: Runner(name, width, layers, x, optimizer) for name in variants}
     compile_note = ", ".join(f"{n} {r.compile_s:.1f}s" for n, r in runners.items())
@@ -417,11 +420,22 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-check", action="store_true", help="skip the gradient check against the reference"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="base weights and computation; adapters stay float32 (bfloat16: lora and dora "
+        "only, no reference check)",
+    )
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(MAIN_VARIANTS + EXTRA_VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
+    if args.dtype == "bfloat16":
+        if set(variants) - {"lora", "dora", "materialised"}:
+            parser.error("--dtype bfloat16 times the variants lora and dora only")
+        variants = [v for v in variants if v != "materialised"]
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
@@ -430,8 +444,8 @@ def main(argv=None) -> None:
         f"({jax.devices()[0].device_kind}), {cpus} CPUs, Python {platform.python_version()}"
     )
     print(
-        f"rank {RANK}, float32, AdamW, {args.repeats} rounds x {args.steps} steps per variant, "
-        f"variants: {', '.join(variants)}",
+        f"rank {RANK}, {args.dtype}, AdamW, {args.repeats} rounds x {args.steps} steps per "
+        f"variant, variants: {', '.join(variants)}",
         flush=True,
     )
     print(f"load average at start: {load_average()}", flush=True)
@@ -439,8 +453,9 @@ def main(argv=None) -> None:
     results = []
     for width, layers, tokens in args.shapes:
         print(f"shape width={width} layers={layers} tokens={tokens}", flush=True)
+        check = not args.no_check and args.dtype == "float32"
         runs = measure_shape(
-            width, layers, tokens, variants, args.repeats, args.steps, not args.no_check
+            width, layers, tokens, variants, args.repeats, args.steps, check, args.dtype
         )
         summary = ", ".join(f"{n} {r.median_ms:.1f} ms" for n, r in runs.items())
         print(f"  median: {summary}", flush=True)

@@ -393,7 +393,8 @@ def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
         ops.dense_layout(),
         kernel_map(nn.Dense, module, 1),
         rank_map(module),
-        dense_like=module.dtype in (None, jnp.float32),
+        # A custom dot_general (say, quantised) sees x alone, never x stacked with A^T.
+        dense_like=module.dot_general is None and module.dot_general_cls is None,
     )
     return _add_bias(y, bias)
 

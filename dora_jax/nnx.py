@@ -314,7 +314,7 @@ class DoRALinear(DoRAMixin, nnx.Linear):
             deterministic,
             dora_linen.kernel_map(nn.Dense, self, 1, copy=("dtype", "precision")),
             dora_linen.rank_map(self),
-            dense_like=self.dtype in (None, jnp.float32),
+            dense_like=True,
         )
         return _constrain(_add_bias(y, self.bias), out_sharding)
 

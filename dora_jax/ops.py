@@ -490,9 +490,11 @@ def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> 
     if not dense_like or kernel.ndim != 2 or lora_a.ndim != 2:
         return False
     rows = math.prod(x.shape[:-1])
-    # A float32 product keeps the norm's A^T W0 term in float32, as the unstacked path.
-    float32 = x.dtype == kernel.dtype == jnp.float32
-    return float32 and rows <= STACK_ROWS_PER_OUTPUT * kernel.shape[-1]
+    # The stacked product runs in the layer's own dtype: with a bfloat16 layer A^T W0 is
+    # rounded to bfloat16 (the unstacked path accumulates it to float32), far finer than
+    # the bfloat16 W' PEFT takes the norm of, and the only way XLA's CPU backend
+    # multiplies the r rows of A^T without first converting all of W0 to float32.
+    return x.dtype == kernel.dtype and rows <= STACK_ROWS_PER_OUTPUT * kernel.shape[-1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -80,3 +80,55 @@ def test_stacked_vjp_equals_autodiff_for_every_input():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     for got, want in zip(vjp((d_base, d_a_t_w)), expected_vjp((d_base, d_a_t_w)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _uses_stacked_product(fn, *args) -> bool:
+    return "kernel_products" in str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "plain"])
+def test_bfloat16_layer_stacks_and_matches_reference(monkeypatch, stack):
+    """A bfloat16 layer stacks too (in bfloat16: XLA's CPU backend would otherwise convert
+    all of ``W0`` to float32 for the r-row product) and stays within bfloat16 error."""
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", 1e6 if stack else 0.0)
+    layer, variables, dora, x, cotangent = _layer_case(tokens=6)
+    layer = layer.clone(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), variables["params"])
+    x = x.astype(jnp.bfloat16)
+
+    def loss(dora):
+        y = layer.apply({"params": params, "dora": dora}, x)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    assert _uses_stacked_product(loss, dora) is stack
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(dora)
+    assert y.dtype == jnp.bfloat16
+    w0, scale = params["kernel"].astype(jnp.float32), layer.scale
+    merged = reference.merged_weight(w0, dora["lora_a"], dora["lora_b"], dora["magnitude"], scale)
+    expected_y = reference.linear_forward(x.astype(jnp.float32), merged, params["bias"])
+    assert reference.relative_error(y, expected_y) <= 2e-2
+    expected = reference.adapter_gradients(
+        w0,
+        dora["lora_a"],
+        dora["lora_b"],
+        dora["magnitude"],
+        scale,
+        reference.weight_gradient(x.astype(jnp.float32), cotangent),
+        detach_norm=True,
+    )
+    for name, want in expected.items():
+        assert reference.relative_error(grads[name], want) <= 2e-2, name
+
+
+def test_custom_dot_general_is_never_stacked(monkeypatch):
+    """A layer's own ``dot_general`` (say, a quantised one) must see ``x`` alone."""
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", 1e6)
+    layer, variables, dora, x, _ = _layer_case(tokens=6)
+    custom = layer.clone(dot_general=jax.lax.dot_general)
+
+    def output(layer):
+        return lambda dora: layer.apply({"params": variables["params"], "dora": dora}, x)
+
+    assert _uses_stacked_product(output(layer), dora)
+    assert not _uses_stacked_product(output(custom), dora)
+    np.testing.assert_allclose(output(custom)(dora), output(layer)(dora), rtol=1e-5, atol=1e-6)
