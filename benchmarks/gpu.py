@@ -32,6 +32,11 @@ array in bfloat16 (``DoRADense(..., param_dtype=bfloat16, dtype=bfloat16)``; the
       adapted layer but the very first one must (a lone layer's backward pass would
       have no product with ``W0`` at all).
 
+    * ``DoRA step, stacked``: where the rule measured on the CPU would stack ``x`` and
+      ``A^T`` into one product with ``W0`` (tokens at most half the output features),
+      the DoRA step with that product enabled on this platform too
+      (``ops.STACK_ROWS_PER_OUTPUT``), to decide whether GPUs should stack.
+
     A timed batch is several back-to-back calls with one ``block_until_ready`` at the
     end (so launch latency is amortised), divided by the number of calls.
 
@@ -52,6 +57,7 @@ rank-r terms (``flop ratio`` column). Memory is XLA's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.metadata
 import math
@@ -78,6 +84,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import dora_jax  # noqa: E402
+from dora_jax import ops  # noqa: E402
 
 
 class Config(NamedTuple):
@@ -152,7 +159,7 @@ def flops(tokens: int, fan_in: int, fan_out: int, rank: int) -> dict[str, float]
     base = 2.0 * tokens * fan_in * fan_out
     lora = 2 * base + 6.0 * tokens * rank * (fan_in + fan_out)
     dora = lora + 2.0 * rank * fan_in * fan_out + 2.0 * rank * rank * (fan_in + fan_out)
-    return {"base fwd": base, "LoRA step": lora, "DoRA step": dora}
+    return {"base fwd": base, "LoRA step": lora, "DoRA step": dora, STACKED: dora}
 
 
 # ----- (a) accuracy against a materialised float32 reference -----------------------------
@@ -281,6 +288,22 @@ def train_step(name: str, model, x, trainable, frozen) -> Timed:
     return timed
 
 
+STACKED = "DoRA step, stacked"
+CPU_STACKING = ops.STACK_ROWS_PER_OUTPUT["cpu"]
+
+
+@contextlib.contextmanager
+def stacking(rows_per_output: float):
+    """Let this platform stack ``[x; A^T] @ W0`` (see ``ops.STACK_ROWS_PER_OUTPUT``)."""
+    saved = dict(ops.STACK_ROWS_PER_OUTPUT)
+    ops.STACK_ROWS_PER_OUTPUT[jax.default_backend()] = rows_per_output
+    try:
+        yield
+    finally:
+        ops.STACK_ROWS_PER_OUTPUT.clear()
+        ops.STACK_ROWS_PER_OUTPUT.update(saved)
+
+
 class Result(NamedTuple):
     kernel: tuple[int, int]
     rank: int
@@ -326,6 +349,11 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
         train_step("LoRA step", lora_model, x, lora_trainable, lora_frozen),
         train_step("DoRA step", dora_model, x, dora_trainable, dora_frozen),
     ]
+    if tokens <= CPU_STACKING * fan_out:
+        # Where the CPU-measured rule stacks, time the stacked product here too.
+        with stacking(CPU_STACKING):
+            stacked = jax.tree.map(jnp.copy, variables["dora"])
+            runners.append(train_step(STACKED, dora_model, x, stacked, dora_frozen))
     for r in runners:
         r.per_call = []
         r.run(2)  # warm-up
@@ -338,9 +366,10 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
         shift = i % len(runners)
         for r in runners[shift:] + runners[:shift]:
             r.timed_batch()
-    loss = float(runners[2].state["loss"])
-    if not math.isfinite(loss):
-        raise AssertionError(f"DoRA step loss is {loss}")
+    for r in runners[2:]:
+        loss = float(r.state["loss"])
+        if not math.isfinite(loss):
+            raise AssertionError(f"{r.name} loss is {loss}")
     return Result(
         kernel=kernel,
         rank=rank,
@@ -371,25 +400,27 @@ def build_table(results: list[Result], tokens: int) -> str:
     head += ["/ LoRA", "flop ratio"]
     lines = [fmt_row(head), fmt_row(["---"] * len(head))]
     for r in results:
-        for name in ("base fwd", "LoRA step", "DoRA step"):
+        for name in r.ms:
             ms, fl = r.ms[name], r.flops[name]
             row = [f"{r.kernel[0]}x{r.kernel[1]}", r.rank, name, f"{ms:.3f}", f"{fl / 1e9:.4g}"]
             row += [f"{fl / (ms * 1e-3) / 1e12:.3g}", mib(r.temp[name]), mib(r.args[name])]
             ratio = ms / r.ms["LoRA step"]
             flop_ratio = fl / r.flops["LoRA step"]
-            row += [f"{ratio:.3f}", f"{flop_ratio:.4f}"] if name == "DoRA step" else ["", ""]
+            dora = name.startswith("DoRA")
+            row += [f"{ratio:.3f}", f"{flop_ratio:.4f}"] if dora else ["", ""]
             lines.append(fmt_row(row))
     return "\n".join(lines)
 
 
 def build_summary(results: list[Result], tokens: int) -> str:
-    head = ["kernel", "rank", "DoRA/LoRA step", "flop ratio", "1 + r/(2N)"]
+    head = ["kernel", "rank", "DoRA/LoRA step", "stacked DoRA/LoRA", "flop ratio", "1 + r/(2N)"]
     head += ["DoRA - LoRA temp MiB", "one N x out activation MiB", "max rel. err", "rounds"]
     lines = [fmt_row(head), fmt_row(["---"] * len(head))]
     for r in results:
         fan_out = r.kernel[1]
         row = [f"{r.kernel[0]}x{r.kernel[1]}", r.rank]
         row += [f"{r.ms['DoRA step'] / r.ms['LoRA step']:.3f}"]
+        row += [f"{r.ms[STACKED] / r.ms['LoRA step']:.3f}" if STACKED in r.ms else "-"]
         row += [f"{r.flops['DoRA step'] / r.flops['LoRA step']:.4f}"]
         row += [f"{1 + r.rank / (2 * tokens):.4f}"]
         activation = tokens * fan_out * jnp.dtype(DTYPE).itemsize

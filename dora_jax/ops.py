@@ -481,9 +481,11 @@ def adapter_forward(
 
 
 # Stack A^T under x (one read of W0) while x has at most this many rows per output
-# feature: the saved read of W0 (in x out) then outweighs copying x (rows x in) into the
-# stacked operand. Measured on CPU: it pays up to about half as many rows as features.
-STACK_ROWS_PER_OUTPUT = 0.5
+# feature, per platform: the saved read of W0 (in x out) then outweighs copying x
+# (rows x in) into the stacked operand. Measured on XLA's CPU backend: it pays up to
+# about half as many rows as features. Elsewhere unmeasured (on a GPU the r extra rows
+# may also cost a tile of the big product), so other platforms take the plain path.
+STACK_ROWS_PER_OUTPUT: dict[str, float] = {"cpu": 0.5}
 
 
 def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> bool:
@@ -494,7 +496,8 @@ def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> 
     # rounded to bfloat16 (the unstacked path accumulates it to float32), far finer than
     # the bfloat16 W' PEFT takes the norm of, and the only way XLA's CPU backend
     # multiplies the r rows of A^T without first converting all of W0 to float32.
-    return x.dtype == kernel.dtype and rows <= STACK_ROWS_PER_OUTPUT * kernel.shape[-1]
+    limit = STACK_ROWS_PER_OUTPUT.get(jax.default_backend(), 0.0)
+    return x.dtype == kernel.dtype and rows <= limit * kernel.shape[-1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -34,7 +34,7 @@ def _layer_case(tokens: int):
 @pytest.mark.parametrize("stack", [True, False], ids=["stacked", "plain"])
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "exact"])
 def test_forward_and_gradients_match_reference(monkeypatch, stack, detach_norm):
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", 1e6 if stack else 0.0)
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 1e6 if stack else 0.0})
     layer, variables, dora, x, cotangent = _layer_case(tokens=6)
     layer = layer.clone(detach_norm=detach_norm)
     params = variables["params"]
@@ -90,7 +90,7 @@ def _uses_stacked_product(fn, *args) -> bool:
 def test_bfloat16_layer_stacks_and_matches_reference(monkeypatch, stack):
     """A bfloat16 layer stacks too (in bfloat16: XLA's CPU backend would otherwise convert
     all of ``W0`` to float32 for the r-row product) and stays within bfloat16 error."""
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", 1e6 if stack else 0.0)
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 1e6 if stack else 0.0})
     layer, variables, dora, x, cotangent = _layer_case(tokens=6)
     layer = layer.clone(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), variables["params"])
@@ -122,7 +122,7 @@ def test_bfloat16_layer_stacks_and_matches_reference(monkeypatch, stack):
 
 def test_custom_dot_general_is_never_stacked(monkeypatch):
     """A layer's own ``dot_general`` (say, a quantised one) must see ``x`` alone."""
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", 1e6)
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 1e6})
     layer, variables, dora, x, _ = _layer_case(tokens=6)
     custom = layer.clone(dot_general=jax.lax.dot_general)
 
