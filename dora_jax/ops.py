@@ -21,7 +21,7 @@ Three facts keep DoRA as cheap as LoRA:
   work is the ``(r, in) @ (in, out)`` product ``A^T W0``, and ``||W0||^2`` is cached;
 * the norm is detached by default (the paper's constant-C gradient, section 4.3), so it
   adds nothing to the backward pass;
-* for Dense layers with few tokens, ``x @ W0`` and ``A^T W0`` are one product of the
+* for Dense layers with few tokens (on the CPU), ``x @ W0`` and ``A^T W0`` are one product of the
   stacked ``[x; A^T]`` with ``W0`` (:func:`kernel_products`), so ``W0`` is read once.
 """
 
