@@ -97,6 +97,7 @@ class DoRAMixin:
     ) -> None:
         kernel = getattr(self, self.kernel_name)[...]
         where = type(self).__name__
+        _check_default_products(self, where)
         ops.check_kernel(kernel, where)
         ops.check_rank(rank, kernel.shape, layout, where)
         if not 0.0 <= dropout < 1.0:
@@ -245,6 +246,31 @@ class DoRAMixin:
         if unknown:
             raise TypeError(f"{cls.__name__}.from_module got unknown arguments {sorted(unknown)}.")
         return _rebuild(cls, base, rngs, {}, **dora_kwargs)
+
+
+# Attributes that change how an NNX layer multiplies. The adapted forward computes with
+# Flax's defaults (the Linen layers' maps), so other values would be silently ignored.
+_PRODUCT_ATTRIBUTES = (
+    "dot_general",
+    "dot_general_cls",
+    "conv_general_dilated",
+    "einsum_op",
+    "promote_dtype",
+    "preferred_element_type",
+)
+
+
+def _check_default_products(layer: nnx.Module, where: str) -> None:
+    signature = inspect.signature(_flax_class(type(layer)).__init__).parameters
+    for name in _PRODUCT_ATTRIBUTES:
+        if name not in signature or not hasattr(layer, name):
+            continue
+        value, default = getattr(layer, name), signature[name].default
+        if value is not default and value != default:
+            raise ValueError(
+                f"{where}: DoRA computes this layer with Flax's default {name} "
+                f"({default!r}); got {value!r}, which it would ignore."
+            )
 
 
 def _flax_class(cls: type) -> type:

@@ -490,3 +490,24 @@ def test_nnx_jit_equals_eager():
     eager = model(*a.inputs)
     jitted = nnx.jit(lambda m, *xs: m(*xs))(model, *a.inputs)
     assert models.relative_error(jitted, eager) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "attribute, value",
+    [
+        ("dot_general", lambda *args, **kwargs: jax.lax.dot_general(*args, **kwargs)),
+        ("preferred_element_type", jnp.float32),
+    ],
+)
+def test_custom_products_are_refused_not_ignored(attribute, value):
+    """The adapted forward multiplies with Flax's defaults: a layer built with another
+    ``dot_general`` (say, a quantised one) must fail loudly, not compute something else."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(4, 3, rngs=nnx.Rngs(0), **{attribute: value})
+
+    model = Net()
+    with pytest.raises(ValueError, match=rf"'fc': DoRALinear: .*default {attribute}"):
+        dora_nnx.apply_dora(model, DoRAConfig(targets=["fc"], rank=2), rngs=nnx.Rngs(1))
+    assert type(model.fc) is nnx.Linear
