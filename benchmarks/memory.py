@@ -13,14 +13,16 @@ and reports two exact, repeatable figures per step:
   ``*-live-range.txt`` file XLA writes with ``--xla_dump_to``). This is what the step
   needs at its worst moment, independent of how the allocator packs it.
 
-Both are compared with the allowance ``layers * tokens * out * 4`` bytes: the one
-``tokens x out`` activation per adapted layer that the magnitude's gradient needs.
+Both are compared with the allowance ``layers * tokens * out * itemsize`` bytes: the one
+``tokens x out`` activation per adapted layer that the magnitude's gradient needs
+(``--dtype bfloat16``: base weights and activations in bfloat16, 2 bytes).
 
 :func:`dump_xla` and :func:`peak_live` are also used by ``benchmarks/gpu.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import collections
 import os
@@ -87,7 +89,15 @@ def peak_live(folder: Path, module: str = "jit_step") -> PeakLive | None:
     return PeakLive(sum(n for _, n in buffers), tuple(buffers))
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="base weights and computation (adapters stay float32)",
+    )
+    args = parser.parse_args(argv)
     folder = dump_xla()
     import jax
     import jax.numpy as jnp
@@ -99,6 +109,7 @@ def main() -> None:
 
     def measure(name: str, width: int, layers: int, tokens: int) -> tuple[int, int | None]:
         x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
+        x = x.astype(args.dtype)
         optimizer = optax.adamw(1e-3)
         apply, frozen, trainable = step_time.make_variant(name, width, layers, x)
         step, _ = step_time.make_step(apply, optimizer)
@@ -106,23 +117,29 @@ def main() -> None:
         peak = peak_live(folder)
         return compiled.memory_analysis().temp_size_in_bytes, peak and peak.bytes
 
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, rank {step_time.RANK}")
+    itemsize = jnp.dtype(args.dtype).itemsize
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, rank {step_time.RANK}, "
+        f"{args.dtype}; allowance = layers * tokens * out * {itemsize} B"
+    )
     head = ["width", "layers", "tokens", "allowance B", "LoRA temp B", "DoRA temp B"]
     head += ["temp: DoRA - LoRA - allowance", "LoRA peak live B", "DoRA peak live B"]
     head += ["peak: DoRA - LoRA - allowance", "per layer, in units of out * 4 B"]
+    head += ["peak: DoRA - LoRA, activations per layer"]
     print(step_time.fmt_row(head))
     print(step_time.fmt_row(["---"] * len(head)))
     for width, layers, tokens in step_time.SHAPES:
         lora_temp, lora_peak = measure("lora", width, layers, tokens)
         dora_temp, dora_peak = measure("dora", width, layers, tokens)
-        allowance = layers * tokens * width * 4
+        allowance = layers * tokens * width * itemsize
         row = [width, layers, tokens, allowance, lora_temp, dora_temp]
         row.append(dora_temp - lora_temp - allowance)
         if lora_peak is None or dora_peak is None:
-            row += ["-", "-", "-", "-"]
+            row += ["-"] * 5
         else:
             excess = dora_peak - lora_peak - allowance
             row += [lora_peak, dora_peak, excess, f"{excess / (layers * width * 4):.2f}"]
+            row.append(f"{(dora_peak - lora_peak) / allowance:.2f}")
         print(step_time.fmt_row([str(c) for c in row]), flush=True)
 
 
