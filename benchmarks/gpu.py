@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib.metadata
 import math
 import platform
@@ -82,6 +81,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from step_time import make_step  # noqa: E402  (the benchmarks' shared training step)
 
 import dora_jax  # noqa: E402
 from dora_jax import ops  # noqa: E402
@@ -217,20 +217,6 @@ def check_accuracy(variables, x, features: int, rank: int, key) -> tuple[dict[st
 # ----- (b) timing ------------------------------------------------------------------------
 
 
-def make_step(model: nn.Module, optimizer: optax.GradientTransformation):
-    def loss_fn(trainable, frozen, x):
-        y = model.apply({**frozen, "dora": trainable}, x)
-        return jnp.mean(jnp.square(y.astype(jnp.float32)))
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, frozen, x):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
-
-
 def memory(compiled) -> tuple[float, float]:
     """``(temp, argument)`` bytes of a compiled program (NaN where XLA does not say)."""
     stats = compiled.memory_analysis()
@@ -272,7 +258,8 @@ def base_forward(kernel, x) -> Timed:
 def train_step(name: str, model, x, trainable, frozen) -> Timed:
     optimizer = optax.adamw(1e-4)
     state = {"trainable": trainable, "opt_state": optimizer.init(trainable), "loss": None}
-    compiled = make_step(model, optimizer).lower(state["trainable"], state["opt_state"], frozen, x)
+    step, _ = make_step(model.apply, optimizer)
+    compiled = step.lower(state["trainable"], state["opt_state"], frozen, x)
     compiled = compiled.compile()
 
     def run(n):

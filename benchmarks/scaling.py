@@ -28,7 +28,6 @@ the two rounds' medians, ``CPU ratio`` the ratio of median process CPU time per 
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import platform
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -47,7 +45,7 @@ import optax
 # The repository's own package, also when it is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_time import MLP, load_average  # noqa: E402  (shared, same folder)
+from step_time import MLP, load_average, make_step  # noqa: E402  (shared, same folder)
 
 ALPHA = 16.0
 BASE = {"width": 2048, "tokens": 256, "rank": 16}
@@ -72,19 +70,6 @@ terms of the norm (A^T W0, (A^T A) B), visible only when r is not small against 
 D x D temporary."""
 
 
-def make_step(model: nn.Module, optimizer: optax.GradientTransformation):
-    def loss_fn(trainable, frozen, x):
-        return jnp.mean(model.apply({**frozen, "dora": trainable}, x) ** 2)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, frozen, x):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
-
-
 class Runner:
     """One variant's compiled step and its (donated, rolling) state."""
 
@@ -97,7 +82,7 @@ class Runner:
         self.opt_state = optimizer.init(self.trainable)
         self.x = x
         start = time.perf_counter()
-        step = make_step(model, optimizer)
+        step, _ = make_step(model.apply, optimizer)
         self.compiled = step.lower(self.trainable, self.opt_state, self.frozen, x).compile()
         self.compile_s = time.perf_counter() - start
         self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes

@@ -212,34 +212,31 @@ def make_step(apply: Callable, optimizer: optax.GradientTransformation):
     return step, loss_fn
 
 
-class Runner:
-    """One variant's compiled step and its (donated, rolling) state."""
+class TimedSteps:
+    """A training step timed in rounds: ``(wall s, CPU s)`` per step, a list per round.
 
-    def __init__(self, name, width, layers, x, optimizer):
-        self.name = name
-        apply, self.frozen, trainable = make_variant(name, width, layers, x)
-        step, self.loss_fn = make_step(apply, optimizer)
-        self.x = x
-        self.grad_fn = jax.jit(jax.value_and_grad(self.loss_fn))
-        self.initial = trainable
-        # Copies: the step donates its inputs.
-        self.trainable = jax.tree.map(jnp.copy, trainable)
-        self.opt_state = optimizer.init(self.trainable)
-        t0 = time.perf_counter()
-        self.compiled = step.lower(self.trainable, self.opt_state, self.frozen, x).compile()
-        self.compile_s = time.perf_counter() - t0
-        self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
-        self.rounds: list[list[tuple[float, float]]] = []  # (wall s, CPU s) per step
+    Subclasses define :meth:`step`, which runs one step to completion and returns its loss.
+    """
+
+    name = ""
+    first_loss = float("nan")  # the loss of the very first step, before any update
+
+    def __init__(self):
+        self.rounds: list[list[tuple[float, float]]] = []
+        self.steps_done = 0
+
+    def step(self):
+        raise NotImplementedError
 
     def run(self, steps: int, record: bool = True) -> None:
         times = []
         for _ in range(steps):
             wall, cpu = time.perf_counter(), time.process_time()
-            self.trainable, self.opt_state, loss = self.compiled(
-                self.trainable, self.opt_state, self.frozen, self.x
-            )
-            jax.block_until_ready((self.trainable, self.opt_state, loss))
+            loss = self.step()
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
+            if self.steps_done == 0:
+                self.first_loss = float(loss)
+            self.steps_done += 1
         if record:
             self.rounds.append(times)
 
@@ -248,6 +245,39 @@ class Runner:
 
     def cpu(self) -> list[float]:
         return [c for r in self.rounds for _, c in r]
+
+
+class CompiledStep(TimedSteps):
+    """A jit-compiled training step of :func:`make_step` and its (donated, rolling) state."""
+
+    def __init__(self, name: str, apply: Callable, frozen, trainable, x, optimizer):
+        super().__init__()
+        self.name, self.frozen, self.x = name, frozen, x
+        step, self.loss_fn = make_step(apply, optimizer)
+        self.initial = trainable
+        # Copies: the step donates its inputs.
+        self.trainable = jax.tree.map(jnp.copy, trainable)
+        self.opt_state = optimizer.init(self.trainable)
+        t0 = time.perf_counter()
+        self.compiled = step.lower(self.trainable, self.opt_state, self.frozen, x).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
+
+    def step(self):
+        self.trainable, self.opt_state, loss = self.compiled(
+            self.trainable, self.opt_state, self.frozen, self.x
+        )
+        jax.block_until_ready((self.trainable, self.opt_state, loss))
+        return loss
+
+
+class Runner(CompiledStep):
+    """One variant of this benchmark."""
+
+    def __init__(self, name, width, layers, x, optimizer):
+        apply, frozen, trainable = make_variant(name, width, layers, x)
+        super().__init__(name, apply, frozen, trainable, x, optimizer)
+        self.grad_fn = jax.jit(jax.value_and_grad(self.loss_fn))
 
 
 class Summary(NamedTuple):

@@ -65,6 +65,8 @@ import peft
 import torch
 from step_time import (  # shared with the other benchmarks (same folder)
     MLP,
+    CompiledStep,
+    TimedSteps,
     add_timing_arguments,
     load_average,
     make_step,
@@ -202,39 +204,7 @@ def jax_variables(model: MLP, weights: Weights, x: jax.Array) -> dict:
 # ----- the steps --------------------------------------------------------------------------
 
 
-class Runner:
-    """One variant's training step and its timings, ``(wall s, CPU s)`` per step by round."""
-
-    name = ""
-    first_loss = float("nan")  # the loss of the very first step, before any update
-
-    def __init__(self):
-        self.rounds: list[list[tuple[float, float]]] = []
-        self.steps_done = 0
-
-    def step(self):
-        raise NotImplementedError
-
-    def run(self, steps: int, record: bool = True) -> None:
-        times = []
-        for _ in range(steps):
-            wall, cpu = time.perf_counter(), time.process_time()
-            loss = self.step()
-            times.append((time.perf_counter() - wall, time.process_time() - cpu))
-            if self.steps_done == 0:
-                self.first_loss = float(loss)
-            self.steps_done += 1
-        if record:
-            self.rounds.append(times)
-
-    def wall(self) -> list[float]:
-        return [w for r in self.rounds for w, _ in r]
-
-    def cpu(self) -> list[float]:
-        return [c for r in self.rounds for _, c in r]
-
-
-class TorchRunner(Runner):
+class TorchRunner(TimedSteps):
     def __init__(self, name: str, weights: Weights, x: torch.Tensor, use_dora: bool):
         super().__init__()
         self.name = name
@@ -252,28 +222,12 @@ class TorchRunner(Runner):
         return loss.detach()
 
 
-class JaxRunner(Runner):
-    def __init__(self, name: str, weights: Weights, x: jax.Array, use_dora: bool):
-        super().__init__()
-        self.name = name
-        model = MLP(x.shape[-1], len(weights.base.layers), use_dora=use_dora)
-        variables = jax_variables(model, weights, x)
-        optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        step, _ = make_step(model.apply, optimizer)
-        self.frozen = {k: v for k, v in variables.items() if k != "dora"}
-        self.trainable = variables["dora"]  # our own arrays: the step donates them
-        self.opt_state = optimizer.init(self.trainable)
-        self.x = x
-        t0 = time.perf_counter()
-        self.compiled = step.lower(self.trainable, self.opt_state, self.frozen, x).compile()
-        self.compile_s = time.perf_counter() - t0
-
-    def step(self):
-        self.trainable, self.opt_state, loss = self.compiled(
-            self.trainable, self.opt_state, self.frozen, self.x
-        )
-        jax.block_until_ready((self.trainable, self.opt_state, loss))
-        return loss
+def jax_runner(name: str, weights: Weights, x: jax.Array, use_dora: bool) -> CompiledStep:
+    model = MLP(x.shape[-1], len(weights.base.layers), use_dora=use_dora)
+    variables = jax_variables(model, weights, x)
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    frozen = {k: v for k, v in variables.items() if k != "dora"}
+    return CompiledStep(name, model.apply, frozen, variables["dora"], x, optimizer)
 
 
 # ----- checks -----------------------------------------------------------------------------
@@ -317,7 +271,7 @@ def check_against_peft(width: int, layers: int, tokens: int) -> str:
     return f"dora-jax matches PEFT at {shape} (max. rel. err {'; '.join(notes)})"
 
 
-def check_first_losses(runners: dict[str, Runner]) -> str:
+def check_first_losses(runners: dict[str, TimedSteps]) -> str:
     """The first step of each dora-jax variant against PEFT's: same weights, same loss."""
     notes = []
     for kind in ("lora", "dora"):
@@ -340,7 +294,7 @@ class Summary(NamedTuple):
     cpu_ms: float
 
 
-def summarise(runner: Runner) -> Summary:
+def summarise(runner: TimedSteps) -> Summary:
     return Summary(
         median_ms=1e3 * statistics.median(runner.wall()),
         min_ms=1e3 * min(runner.wall()),
@@ -351,7 +305,7 @@ def summarise(runner: Runner) -> Summary:
     )
 
 
-def paired_ratio(num: Runner, den: Runner) -> float:
+def paired_ratio(num: TimedSteps, den: TimedSteps) -> float:
     """Median over rounds of (``num``'s round median / ``den``'s round median)."""
     return statistics.median(
         statistics.median(w for w, _ in a) / statistics.median(w for w, _ in b)
@@ -368,11 +322,11 @@ def measure_shape(width, layers, tokens, repeats, steps_per_round, seed) -> Shap
     weights = make_weights(width, layers, seed=seed)
     x_torch = torch.randn(tokens, width)
     x_jax = _to_jax(x_torch)
-    runners: dict[str, Runner] = {
+    runners: dict[str, TimedSteps] = {
         "peft-lora": TorchRunner("peft-lora", weights, x_torch, use_dora=False),
         "peft-dora": TorchRunner("peft-dora", weights, x_torch, use_dora=True),
-        "jax-lora": JaxRunner("jax-lora", weights, x_jax, use_dora=False),
-        "jax-dora": JaxRunner("jax-dora", weights, x_jax, use_dora=True),
+        "jax-lora": jax_runner("jax-lora", weights, x_jax, use_dora=False),
+        "jax-dora": jax_runner("jax-dora", weights, x_jax, use_dora=True),
     }
     del weights
     compile_note = ", ".join(f"{n} {runners[n].compile_s:.1f}s" for n in ("jax-lora", "jax-dora"))
