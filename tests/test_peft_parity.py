@@ -199,21 +199,30 @@ CONV = dict(in_channels=3, out_channels=5, hw=(9, 8), batch=2)
 EMBED = dict(vocab=11, features=7, batch=(2, 6))
 
 
-def make_linear_case(seed, *, bias, r, alpha, rslora=False, dropout=0.0, init=True, randomize=True):
+def peft_case(seed, make_base, *, randomize, **lora_kwargs):
+    """``(rng, base, peft_model, lora_layer)``: a seeded torch layer with random weights,
+    wrapped by PEFT, its adapters randomized unless ``randomize`` is false."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    base = torch.nn.Linear(LINEAR["in_features"], LINEAR["out_features"], bias=bias)
+    base = make_base()
     set_base_weights(base, rng)
-    peft_model, layer = wrap_with_peft(
-        base,
+    peft_model, layer = wrap_with_peft(base, **lora_kwargs)
+    if randomize:
+        randomize_adapters(layer, rng, b_std=0.5)
+    return rng, base, peft_model, layer
+
+
+def make_linear_case(seed, *, bias, r, alpha, rslora=False, dropout=0.0, init=True, randomize=True):
+    rng, _, peft_model, layer = peft_case(
+        seed,
+        lambda: torch.nn.Linear(LINEAR["in_features"], LINEAR["out_features"], bias=bias),
+        randomize=randomize,
         r=r,
         lora_alpha=alpha,
         use_rslora=rslora,
         lora_dropout=dropout,
         init_lora_weights=init,
     )
-    if randomize:
-        randomize_adapters(layer, rng, b_std=0.5)
     module = dora_jax.DoRADense(
         features=LINEAR["out_features"],
         use_bias=bias,
@@ -230,22 +239,18 @@ def make_linear_case(seed, *, bias, r, alpha, rslora=False, dropout=0.0, init=Tr
 def make_conv_case(
     seed, *, stride, r, alpha, rslora=False, dropout=0.0, init=True, bias=True, randomize=True
 ):
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    base = torch.nn.Conv2d(
-        CONV["in_channels"], CONV["out_channels"], 3, stride=stride, padding=1, bias=bias
-    )
-    set_base_weights(base, rng)
-    peft_model, layer = wrap_with_peft(
-        base,
+    rng, base, peft_model, layer = peft_case(
+        seed,
+        lambda: torch.nn.Conv2d(
+            CONV["in_channels"], CONV["out_channels"], 3, stride=stride, padding=1, bias=bias
+        ),
+        randomize=randomize,
         r=r,
         lora_alpha=alpha,
         use_rslora=rslora,
         lora_dropout=dropout,
         init_lora_weights=init,
     )
-    if randomize:
-        randomize_adapters(layer, rng, b_std=0.5)
     module = dora_jax.DoRAConv(
         features=CONV["out_channels"],
         kernel_size=(3, 3),
@@ -265,15 +270,15 @@ def make_conv_case(
 
 
 def make_embed_case(seed, *, r, alpha, rslora=False, init=True, randomize=True):
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    base = torch.nn.Embedding(EMBED["vocab"], EMBED["features"])
-    set_base_weights(base, rng)
-    peft_model, layer = wrap_with_peft(
-        base, r=r, lora_alpha=alpha, use_rslora=rslora, init_lora_weights=init
+    rng, _, peft_model, layer = peft_case(
+        seed,
+        lambda: torch.nn.Embedding(EMBED["vocab"], EMBED["features"]),
+        randomize=randomize,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        init_lora_weights=init,
     )
-    if randomize:
-        randomize_adapters(layer, rng, b_std=0.5)
     module = dora_jax.DoRAEmbed(
         num_embeddings=EMBED["vocab"],
         features=EMBED["features"],
