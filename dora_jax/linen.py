@@ -378,15 +378,18 @@ def _kernel_param(module: nn.Module, init, shape, name: str = "kernel") -> Array
     return module.param(name, init, tuple(shape), module.param_dtype)
 
 
+def _bias_param(module: nn.Module, init, shape) -> Array | None:
+    """The layer's ``bias`` exactly as Flax creates it, or ``None`` without one."""
+    return module.param("bias", init, tuple(shape), module.param_dtype) if module.use_bias else None
+
+
 def _add_bias(y: Array, bias: Array | None, to_output=_identity) -> Array:
     return y if bias is None else y + to_output(bias).astype(y.dtype)
 
 
 def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
     kernel = _kernel_param(module, module.kernel_init, (jnp.shape(inputs)[-1], module.features))
-    bias = None
-    if module.use_bias:
-        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    bias = _bias_param(module, module.bias_init, (module.features,))
     y = adapter(
         inputs,
         kernel,
@@ -416,14 +419,9 @@ def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: Adapter)
         _flat_init(module.kernel_init, n_batch, n_in, n_out),
         batch_shape + in_shape + features,
     )
-    bias = None
-    if module.use_bias:
-        bias = module.param(
-            "bias",
-            _flat_init(module.bias_init, n_batch, 0, n_out),
-            batch_shape + features,
-            module.param_dtype,
-        )
+    bias = _bias_param(
+        module, _flat_init(module.bias_init, n_batch, 0, n_out), batch_shape + features
+    )
     # (*batch, *out) values -> broadcastable against the output (*batch, *other, *out).
     expanded = tuple(
         inputs.shape[ax] if ax in batch_dims else 1 for ax in range(inputs.ndim) if ax not in axis
@@ -452,9 +450,7 @@ def conv_call(module: nn.Conv, inputs: Array, adapter: Adapter) -> Array:
         )
     kernel_shape = (*kernel_size, jnp.shape(inputs)[-1], module.features)
     kernel = _kernel_param(module, module.kernel_init, kernel_shape)
-    bias = None
-    if module.use_bias:
-        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    bias = _bias_param(module, module.bias_init, (module.features,))
     y = adapter(
         inputs,
         kernel,
@@ -524,9 +520,7 @@ def einsum_call(
         maps = einsum_maps(equation, kernel.shape, module)
     except ValueError as error:
         raise ValueError(f"{describe(module)}: {error}") from None
-    bias = None
-    if module.use_bias:
-        bias = module.param("bias", module.bias_init, maps.bias_shape, module.param_dtype)
+    bias = _bias_param(module, module.bias_init, maps.bias_shape)
     y = adapter(
         inputs,
         kernel,
