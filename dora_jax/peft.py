@@ -272,14 +272,7 @@ def _flax_names(names: list[str]) -> list[str] | str:
     module names become one regex over whole paths (``(?:.*/)?`` keeps them suffixes)."""
     if not any("." in name for name in names):
         return list(names)
-
-    def one(name: str) -> str:
-        first, *rest = name.split(".")
-        return re.escape(first) + "".join(
-            ("[/_]" if part.isdigit() else "/") + re.escape(part) for part in rest
-        )
-
-    return "(?:.*/)?(?:" + "|".join(one(name) for name in names) + ")"
+    return "(?:.*/)?(?:" + "|".join(_flax_pattern(re.escape(name)) for name in names) + ")"
 
 
 def load_pretrained(
