@@ -38,6 +38,21 @@ from dora_jax.config import DoRAConfig
 from dora_jax.linen import DORA, DORA_CACHE, NORM, _drop_leaves
 
 PyTree = Any
+_NEVER = np.iinfo(np.int32).max  # apply_if_finite's counter is an int32
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a NaN or Inf metric (raised by :func:`fit`).
+
+    Attributes:
+      step: the step number (``state.step`` after the failing step).
+      metrics: that step's metrics, as floats.
+      state: the state before the failing step (``None`` when the step donated it).
+    """
+
+    def __init__(self, message: str, *, step: int, metrics: dict[str, float], state: Any):
+        super().__init__(message)
+        self.step, self.metrics, self.state = step, metrics, state
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -134,12 +149,37 @@ def adamw(
     *,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,
+    skip_nonfinite: bool = False,
     **adamw_kwargs,
 ) -> optax.GradientTransformation:
-    """AdamW for the adapters, with optional global-norm clipping first."""
-    parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
-    parts.append(optax.adamw(learning_rate, weight_decay=weight_decay, **adamw_kwargs))
-    return optax.chain(*parts)
+    """AdamW for the adapters, with optional global-norm clipping first.
+
+    The learning rate (a float or an ``optax`` schedule) is held in the optimizer state
+    (``optax.inject_hyperparams``), so :func:`make_train_step` reports the rate each step
+    applied without being given the schedule.
+
+    Args:
+      learning_rate: a float or a schedule ``step -> rate``.
+      weight_decay: AdamW's decoupled weight decay.
+      max_grad_norm: clip the gradients to this global norm first (``None``: no clipping).
+      skip_nonfinite: wrap everything in ``optax.apply_if_finite``: an update whose
+        gradients hold a NaN or an Inf (one bad batch) is skipped, leaving the
+        trainable tree and the optimizer state exactly as they were; the step counter
+        still advances and the step's ``skipped`` metric is 1. Without it, one such
+        batch makes every adapter and every AdamW moment NaN for good.
+      **adamw_kwargs: passed to ``optax.adamw`` (``b1``, ``b2``, ``eps``, ...).
+    """
+
+    def make(learning_rate):
+        parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+        parts.append(optax.adamw(learning_rate, weight_decay=weight_decay, **adamw_kwargs))
+        return optax.chain(*parts)
+
+    optimizer = optax.inject_hyperparams(make)(learning_rate=learning_rate)
+    if skip_nonfinite:
+        # Never give up skipping: optax's "accept after n failures" would let NaN in.
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=_NEVER)
+    return optimizer
 
 
 def init_state(
@@ -147,8 +187,8 @@ def init_state(
 ) -> TrainState:
     """A fresh :class:`TrainState`: optimizer state for ``trainable`` only.
 
-    ``trainable`` is copied (adapter-sized), so the step's buffer donation never
-    invalidates the caller's variables.
+    ``trainable`` is copied (adapter-sized), so a donating step (``jit_step(...,
+    donate=True)``) never invalidates the caller's variables.
     """
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     trainable = jax.tree.map(jnp.copy, trainable)
@@ -217,10 +257,16 @@ def make_train_step(
       optimizer: for the trainable tree only (e.g. :func:`adamw`).
       accumulation_steps: split the batch's leading axis into this many micro-batches
         and average their gradients before one update.
-      learning_rate: reported in the metrics (a float or the optimizer's schedule).
+      learning_rate: the rate to report in the metrics (a float or the optimizer's
+        schedule). Not needed for optimizers that hold their rate in their state
+        (:func:`adamw`, or any ``optax.inject_hyperparams`` optimizer): the rate is read
+        from there. When neither gives it, the metrics have no ``learning_rate``.
       axis_name: the ``pmap`` axis to average gradients over.
     Returns:
-      ``step``; ``metrics`` has ``loss``, ``grad_norm`` and ``learning_rate``.
+      ``step``; ``metrics`` has ``loss`` and ``grad_norm`` (of this step's gradients,
+      before clipping), ``learning_rate`` (the rate this step applied) where known, and
+      ``skipped`` (1 when the optimizer skipped a non-finite update, 0 otherwise) for
+      optimizers wrapped in ``optax.apply_if_finite`` (``adamw(skip_nonfinite=True)``).
     """
     if accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be >= 1; got {accumulation_steps}.")
@@ -255,11 +301,13 @@ def make_train_step(
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": _learning_rate(learning_rate, state.step),
-        }
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        rate = _learning_rate(learning_rate, state.step, opt_state)
+        if rate is not None:
+            metrics["learning_rate"] = rate
+        guards = _states_of(opt_state, optax.ApplyIfFiniteState)
+        if guards:
+            metrics["skipped"] = jnp.logical_not(guards[0].last_finite).astype(jnp.float32)
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new_state, metrics
 
@@ -293,44 +341,72 @@ def _split_leading(k: int):
     return split
 
 
-def _learning_rate(learning_rate, step) -> jax.Array:
-    if learning_rate is None:
-        return jnp.asarray(jnp.nan, jnp.float32)
+def _learning_rate(learning_rate, step, opt_state) -> jax.Array | None:
+    """The rate applied at ``step``: as given, else from the optimizer state, else None."""
     if callable(learning_rate):
         return jnp.asarray(learning_rate(step), jnp.float32)
-    return jnp.asarray(learning_rate, jnp.float32)
+    if learning_rate is not None:
+        return jnp.asarray(learning_rate, jnp.float32)
+    for injected in _states_of(
+        opt_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    ):
+        # After the update, ``hyperparams`` holds the values this update used.
+        if "learning_rate" in injected.hyperparams:
+            return jnp.asarray(injected.hyperparams["learning_rate"], jnp.float32)
+    return None
+
+
+def _states_of(opt_state: PyTree, kind) -> list:
+    """The optimizer states of type ``kind`` nested anywhere in ``opt_state``, outer first."""
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kind))
+    return [x for x in nodes if isinstance(x, kind)]
 
 
 def jit_step(
-    step, *, mesh: Mesh | None = None, frozen_sharding: PyTree = None, data_axes=("data",)
+    step,
+    *,
+    donate: bool = False,
+    mesh: Mesh | None = None,
+    frozen_sharding: PyTree = None,
+    data_axes=("data",),
 ):
-    """Compile ``step`` with ``jax.jit``, donating the state's buffers.
+    """Compile ``step`` with ``jax.jit``.
+
+    ``donate=True`` lets XLA reuse the input state's buffers for the new state (the
+    adapters and optimizer moments are not held twice): the memory option. The state
+    passed in is then deleted by the step, and touching it afterwards raises JAX's
+    "Array has been deleted" error; keep only the returned state. The default keeps the
+    input state usable.
 
     With a ``mesh``, the state is replicated, the batch's leading axis is sharded over
     ``data_axes`` and the frozen tree follows ``frozen_sharding`` (see
     :func:`fsdp_sharding`; replicated if ``None``).
     """
+    donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
+        return jax.jit(step, donate_argnums=donate_argnums)
     replicated = NamedSharding(mesh, P())
     batch = NamedSharding(mesh, P(data_axes))
     return jax.jit(
         step,
         in_shardings=(replicated, frozen_sharding or replicated, batch),
         out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
+        donate_argnums=donate_argnums,
     )
 
 
-def pmap_step(step_fn_builder: Callable[[str], Callable], axis_name: str = "data"):
+def pmap_step(
+    step_fn_builder: Callable[[str], Callable], axis_name: str = "data", *, donate: bool = False
+):
     """``jax.pmap`` of a step made with ``axis_name`` (gradients averaged by ``pmean``).
 
     ``step_fn_builder(axis_name)`` returns the step, e.g.
     ``lambda axis: make_train_step(..., axis_name=axis)``. Inputs carry a leading device
     axis: replicate the state and frozen tree (``jax.device_put_replicated``) and
-    reshape the batch to ``(devices, per_device, ...)``.
+    reshape the batch to ``(devices, per_device, ...)``. ``donate`` as in :func:`jit_step`.
     """
-    return jax.pmap(step_fn_builder(axis_name), axis_name=axis_name, donate_argnums=(0,))
+    donate_argnums = (0,) if donate else ()
+    return jax.pmap(step_fn_builder(axis_name), axis_name=axis_name, donate_argnums=donate_argnums)
 
 
 def fsdp_sharding(frozen: PyTree, mesh: Mesh, axis: str = "fsdp", min_size: int = 2**14) -> PyTree:
@@ -376,24 +452,90 @@ def fit(
     eval_every: int = 0,
     log_path: str | None = None,
     progress: bool = True,
+    on_nonfinite: str = "raise",
+    checkpoints: Any = None,
+    save_every: int | None = None,
 ) -> TrainState:
-    """A thin training loop: progress bar, periodic evaluation, JSON-lines metrics.
+    """A thin training loop: progress bar, evaluation, JSON-lines metrics, checkpoints.
 
-    Each logged line is ``{"step", "time", <metrics>}``; evaluation lines add
-    ``"eval_<name>"`` keys. Users with their own loop only need the step.
+    Each step takes the next batch of ``batches`` (one batch per step). Each logged line
+    is strict JSON, ``{"step", "time", <metrics>}``, with a NaN or Inf metric written as
+    ``null``; evaluation lines add ``"eval_<name>"`` keys. Users with their own loop
+    only need the step.
+
+    Args:
+      step: a compiled step, ``(state, frozen, batch) -> (state, metrics)``.
+      state: the state to start from (see :func:`init_state`).
+      frozen: the frozen tree passed to every step.
+      batches: an iterable of batches; iterated once, from its start.
+      num_steps: train until ``state.step`` reaches this; a resumed run does the rest.
+      evaluate: ``state -> {name: value}``, run every ``eval_every`` steps.
+      log_path: append the JSON lines to this file.
+      progress: show a progress bar (on terminals).
+      on_nonfinite: what a step with a NaN or Inf metric does. ``"raise"`` (default):
+        stop with :class:`NonFiniteError`, naming the step and the metrics, unless the
+        optimizer skipped that update (``adamw(skip_nonfinite=True)``: the state is
+        intact), which only warns. ``"warn"``: warn (``RuntimeWarning``) and go on.
+      checkpoints: a :class:`dora_jax.checkpoint.AdapterCheckpoints`. When it holds a
+        checkpoint, training resumes from the latest one: its state is restored and
+        the batches it had consumed (its recorded data position) are skipped, so an
+        interrupted run resumed over the same batches ends as if never stopped. The
+        state is saved with its data position every ``save_every`` steps and at the end.
+      save_every: steps between saves (needs ``checkpoints``).
+    Returns:
+      the final state.
+    Raises:
+      NonFiniteError: see ``on_nonfinite``.
+      ValueError: ``batches`` ran out before ``num_steps``.
     """
     from tqdm.auto import tqdm
 
+    if on_nonfinite not in ("raise", "warn"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'warn'; got {on_nonfinite!r}.")
+    if save_every is not None and (checkpoints is None or save_every < 1):
+        raise ValueError(
+            f"save_every={save_every!r} needs a positive number of steps and checkpoints=."
+        )
+    iterator = iter(batches)
+    position = 0  # batches consumed from the start of `batches`
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        latest = checkpoints.latest_step()
+        state = checkpoints.restore(state, latest)
+        recorded = checkpoints.data_position(latest)
+        # A checkpoint saved without a position: one batch per step, fit's own contract.
+        position = _step_of(state) if recorded is None else int(recorded)
+        for skipped in range(position):
+            if next(iterator, _END) is _END:
+                raise ValueError(
+                    f"resuming from the checkpoint of step {latest} in "
+                    f"{getattr(checkpoints, 'directory', checkpoints)} needs to skip the "
+                    f"{position} batches it had consumed, but `batches` ran out after "
+                    f"{skipped}; pass the same batches as the interrupted run."
+                )
+    first = _step_of(state)
+    saved_step = first if checkpoints is not None else None
     log = open(log_path, "a") if log_path else None  # noqa: SIM115
     start = time.perf_counter()
     # disable=None: a bar on terminals only, so logs stay readable.
-    bar = tqdm(total=num_steps, disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=num_steps,
+        initial=min(first, num_steps),
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     try:
-        iterator = iter(batches)
-        for _ in range(num_steps):
-            state, metrics = step(state, frozen, next(iterator))
+        for _ in range(max(num_steps - first, 0)):
+            batch = next(iterator, _END)
+            if batch is _END:
+                raise ValueError(
+                    f"`batches` ran out after {position} batches, at step {_step_of(state)} "
+                    f"of num_steps={num_steps}."
+                )
+            previous = state
+            state, metrics = step(state, frozen, batch)
+            position += 1
             record = {k: float(np.mean(jax.device_get(v))) for k, v in metrics.items()}
-            step_index = int(np.max(jax.device_get(state.step)))
+            step_index = _step_of(state)
             record = {"step": step_index, "time": time.perf_counter() - start, **record}
             if evaluate is not None and eval_every and step_index % eval_every == 0:
                 record.update({f"eval_{k}": float(v) for k, v in evaluate(state).items()})
@@ -401,15 +543,80 @@ def fit(
                     shown = {k: round(v, 4) for k, v in record.items() if k != "time"}
                     tqdm.write(" ".join(f"{k} {v}" for k, v in shown.items()))
             if log is not None:
-                log.write(json.dumps(record) + "\n")
+                log.write(_json_line(record) + "\n")
                 log.flush()
+            bad = {k: record[k] for k in metrics if not math.isfinite(record[k])}
+            if bad:
+                _nonfinite(on_nonfinite, step_index, position, record, bad, previous, state)
+            if save_every and step_index % save_every == 0:
+                checkpoints.save(state, data_position=position)
+                saved_step = step_index
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update(1)
+        if checkpoints is not None and saved_step != _step_of(state):
+            checkpoints.save(state, data_position=position)
     finally:
         bar.close()
         if log is not None:
             log.close()
     return state
+
+
+_END = object()
+
+
+def _step_of(state: TrainState) -> int:
+    return int(np.max(jax.device_get(state.step)))  # pmap states hold one per device
+
+
+def _json_line(record: Mapping[str, float]) -> str:
+    """Strict JSON: NaN and Inf, which JSON cannot hold, are written as ``null``."""
+    finite = {k: None if _nonfinite_float(v) else v for k, v in record.items()}
+    return json.dumps(finite, allow_nan=False)
+
+
+def _nonfinite_float(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _nonfinite(mode, step_index, position, record, bad, previous, state) -> None:
+    """Raise or warn for a step whose metrics hold NaN or Inf (see :func:`fit`)."""
+    import warnings
+
+    named = ", ".join(f"{k} = {v}" for k, v in bad.items())
+    where = f"step {step_index} (batch {position - 1} of `batches`): non-finite {named}"
+    if record.get("skipped") == 1.0:
+        warnings.warn(
+            f"{where}; the optimizer skipped this update, so the adapters and optimizer "
+            "state are unchanged.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    leaves = jax.tree.leaves(state.trainable)
+    broken = sum(not np.all(np.isfinite(np.asarray(x))) for x in leaves)
+    if broken:
+        effect = f"{broken} of {len(leaves)} trainable leaves are now non-finite"
+    else:
+        effect = "the trainable leaves are still finite"
+    message = (
+        f"{where}; {effect}. Check that batch, lower the learning rate, or train with "
+        "train.adamw(..., skip_nonfinite=True) to skip such updates."
+    )
+    if mode == "warn":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return
+    donated = any(
+        getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(previous.trainable)
+    )
+    kept = None if donated else previous
+    raise NonFiniteError(
+        message + " (fit(..., on_nonfinite='warn') goes on regardless; this error's "
+        "`.state` is the state before the step.)",
+        step=step_index,
+        metrics=record,
+        state=kept,
+    )
 
 
 def tree_size(tree: PyTree) -> int:

@@ -309,3 +309,207 @@ def test_nnx_dropout_draws_new_masks_every_step():
     other = forward(trainable, frozen, batch, jax.random.key(11))
     np.testing.assert_array_equal(first, again)
     assert np.abs(np.asarray(first - other)).max() > 0
+
+
+def _strict_json(line: str) -> dict:
+    """``json.loads`` that rejects NaN and Infinity, as strict JSON parsers do."""
+
+    def reject(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=reject)
+
+
+def _nan_batch(batch):
+    return {**batch, "inputs": batch["inputs"].at[3, 5].set(jnp.nan)}
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_skip_nonfinite_leaves_adapters_and_optimizer_state_unchanged():
+    _, wrapped, config, params, variables, batch = _problem()
+    trainable, frozen = train.partition(variables, config)
+    forward = train.linen_forward(wrapped)
+    guarded = train.adamw(1e-2, max_grad_norm=1.0, skip_nonfinite=True)
+    step = train.jit_step(train.make_train_step(forward, _mse, guarded))
+    state, _ = step(train.init_state(trainable, guarded), frozen, batch)
+    after_bad, metrics = step(state, frozen, _nan_batch(batch))
+    assert np.isnan(float(metrics["loss"])) and float(metrics["skipped"]) == 1.0
+    _assert_trees_equal(after_bad.trainable, state.trainable)
+    _assert_trees_equal(after_bad.opt_state.inner_state, state.opt_state.inner_state)
+    assert int(after_bad.opt_state.total_notfinite) == 1
+    # The next good step is the one a run that never saw the bad batch takes.
+    resumed, metrics = step(after_bad, frozen, batch)
+    never_bad, _ = step(state, frozen, batch)
+    assert float(metrics["skipped"]) == 0.0
+    _assert_trees_equal(resumed.trainable, never_bad.trainable)
+    # Without the guard the same batch poisons every adapter.
+    plain = train.adamw(1e-2, max_grad_norm=1.0)
+    step = train.jit_step(train.make_train_step(forward, _mse, plain))
+    poisoned, _ = step(train.init_state(trainable, plain), frozen, _nan_batch(batch))
+    assert all(np.isnan(np.asarray(x)).all() for x in jax.tree.leaves(poisoned.trainable))
+
+
+def test_fit_stops_at_a_nonfinite_step_naming_it(tmp_path):
+    _, wrapped, config, params, variables, batch = _problem()
+    trainable, frozen = train.partition(variables, config)
+    optimizer = train.adamw(1e-2)
+    step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
+    log = tmp_path / "metrics.jsonl"
+    batches = [batch, batch, _nan_batch(batch), batch]
+    with pytest.raises(train.NonFiniteError) as error:
+        train.fit(
+            step,
+            train.init_state(trainable, optimizer),
+            frozen,
+            batches,
+            num_steps=4,
+            log_path=str(log),
+            progress=False,
+        )
+    message = str(error.value)
+    assert "step 3 (batch 2 of `batches`): non-finite grad_norm = nan, loss = nan" in message
+    assert "8 of 8 trainable leaves are now non-finite" in message
+    assert "skip_nonfinite=True" in message
+    assert error.value.step == 3 and int(error.value.state.step) == 2
+    kept = (error.value.state.trainable, error.value.state.opt_state)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(kept))
+    records = [_strict_json(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[2]["loss"] is None and records[2]["grad_norm"] is None
+
+
+def test_fit_with_the_guard_warns_and_keeps_training():
+    _, wrapped, config, params, variables, batch = _problem()
+    trainable, frozen = train.partition(variables, config)
+    optimizer = train.adamw(1e-2, skip_nonfinite=True)
+    step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
+    batches = [batch, _nan_batch(batch), batch]
+    with pytest.warns(RuntimeWarning, match=r"step 2 .*skipped this update"):
+        state = train.fit(
+            step,
+            train.init_state(trainable, optimizer),
+            frozen,
+            batches,
+            num_steps=3,
+            progress=False,
+        )
+    assert int(state.step) == 3
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.trainable))
+    with pytest.raises(ValueError, match="on_nonfinite must be 'raise' or 'warn'"):
+        train.fit(step, state, frozen, batches, num_steps=1, on_nonfinite="ignore")
+
+
+def test_learning_rate_is_read_from_the_optimizer_state(tmp_path):
+    _, wrapped, config, params, variables, batch = _problem()
+    trainable, frozen = train.partition(variables, config)
+    schedule = optax.linear_schedule(1e-2, 1e-3, 4)
+    optimizer = train.adamw(schedule)
+    step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
+    state = train.init_state(trainable, optimizer)
+    for i in range(4):
+        state, metrics = step(state, frozen, batch)
+        assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(i)), rel=1e-6)
+    # The injected schedule trains exactly as the schedule handed to optax.adamw.
+    reference = optax.adamw(schedule, weight_decay=0.0)
+    ref_step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, reference))
+    ref_state = train.init_state(trainable, reference)
+    for _ in range(4):
+        ref_state, ref_metrics = ref_step(ref_state, frozen, batch)
+    assert _max_rel(state.trainable, ref_state.trainable) < 1e-6
+    # An optimizer that does not hold its rate: no learning_rate key, and strict JSON lines.
+    assert "learning_rate" not in ref_metrics
+    log = tmp_path / "metrics.jsonl"
+    train.fit(ref_step, ref_state, frozen, [batch], num_steps=5, log_path=str(log), progress=False)
+    (record,) = [_strict_json(line) for line in log.read_text().splitlines()]
+    assert set(record) == {"step", "time", "loss", "grad_norm"}
+
+
+def test_jit_step_keeps_its_input_state_unless_asked_to_donate():
+    _, wrapped, config, params, variables, batch = _problem()
+    trainable, frozen = train.partition(variables, config)
+    optimizer = train.adamw(1e-2)
+    make = train.make_train_step(train.linen_forward(wrapped), _mse, optimizer)
+    state = train.init_state(trainable, optimizer)
+    step = train.jit_step(make)
+    first, _ = step(state, frozen, batch)
+    again, _ = step(state, frozen, batch)  # the same state, used twice
+    _assert_trees_equal(first.trainable, again.trainable)
+    donating = train.jit_step(make, donate=True)
+    donated, _ = donating(state, frozen, batch)
+    _assert_trees_equal(donated.trainable, first.trainable)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.trainable))
+
+
+def _resumable_problem():
+    model, wrapped, config, params, variables, batch = _problem()
+    config = dora_jax.DoRAConfig(targets=["fc1", "fc2"], rank=4, dropout=0.1)
+    wrapped = dora_jax.linen.wrap(model, config)
+    variables = wrapped.init_from_params(jax.random.key(3), params, batch["inputs"])
+    trainable, frozen = train.partition(variables, config)
+    optimizer = train.adamw(optax.cosine_decay_schedule(1e-2, 6), max_grad_norm=1.0)
+    step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
+    batches = [
+        {"inputs": batch["inputs"] + 0.1 * i, "targets": batch["targets"] * (1 + 0.1 * i)}
+        for i in range(6)
+    ]
+    return trainable, frozen, optimizer, step, batches
+
+
+def _crash_after(batches, n):
+    """The batches, then a crash when batch ``n`` is requested."""
+    for i, batch in enumerate(batches):
+        if i == n:
+            raise KeyboardInterrupt("interrupted")
+        yield batch
+
+
+def test_fit_resumes_from_checkpoints_where_the_data_left_off(tmp_path):
+    from dora_jax.checkpoint import AdapterCheckpoints
+
+    trainable, frozen, optimizer, step, batches = _resumable_problem()
+    state = train.init_state(trainable, optimizer, rng=5)
+    uninterrupted = train.fit(step, state, frozen, batches, num_steps=6, progress=False)
+
+    with AdapterCheckpoints(tmp_path / "run") as checkpoints:
+        with pytest.raises(KeyboardInterrupt):  # the run dies during step 5
+            train.fit(
+                step,
+                state,
+                frozen,
+                _crash_after(batches, 4),
+                num_steps=6,
+                checkpoints=checkpoints,
+                save_every=3,
+                progress=False,
+            )
+        assert checkpoints.latest_step() == 3 and checkpoints.data_position(3) == 3
+    with AdapterCheckpoints(tmp_path / "run") as checkpoints:
+        fresh = train.init_state(trainable, optimizer, rng=5)
+        resumed = train.fit(
+            step,
+            fresh,
+            frozen,
+            batches,
+            num_steps=6,
+            checkpoints=checkpoints,
+            save_every=3,
+            progress=False,
+        )
+        assert checkpoints.latest_step() == 6 and checkpoints.data_position(6) == 6
+    assert int(resumed.step) == 6
+    _assert_trees_equal(resumed.trainable, uninterrupted.trainable)
+    _assert_trees_equal(resumed.opt_state, uninterrupted.opt_state)
+    # Without the skip the resumed run would see batches 0-2 again: a different result.
+    again = train.fit(
+        step,
+        train.init_state(trainable, optimizer, rng=5),
+        frozen,
+        batches[:3] * 2,
+        num_steps=6,
+        progress=False,
+    )
+    assert _max_rel(again.trainable, uninterrupted.trainable) > 1e-4
