@@ -6,11 +6,17 @@ same ``"params"`` collection, so a pretrained checkpoint loads unchanged::
 
     "params":     kernel, bias                  the frozen base, exactly as in Flax
     "dora":       lora_a, lora_b, magnitude     trainable
-    "dora_cache": base_norm_sq                  ||W0||_c^2, a cache (optional at apply)
+    "dora_cache": base_norm_sq                  ||W0||_c^2, only if asked for (see below)
 
-``dora_cache`` only saves squaring ``W0`` every step; without it the value is
-recomputed. After loading new base weights into variables made by ``init``, call
-:func:`recompute_magnitudes`, which refreshes ``magnitude`` and the cache.
+``init`` returns ``params`` and ``dora`` only. Without a cache, ``apply`` computes
+``||W0||_c^2`` from the kernel it is given, so ``init``, then pretrained weights put
+into ``variables["params"]``, then ``apply`` computes DoRA of those weights. The
+magnitudes are still those of the kernel present at ``init``: after loading new base
+weights call :func:`recompute_magnitudes` (PEFT's initialisation of ``m``).
+
+``dora_cache`` only saves squaring the frozen ``W0`` every training step. It is made by
+an explicit call, :func:`cache_base_norms`, from the params as they are then; it is
+valid for those params only: call it again after they change.
 
 **Wrapping.** :func:`wrap` adapts the ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``
 and ``Embed`` layers of any Linen model that a :class:`~dora_jax.DoRAConfig` selects,
@@ -18,7 +24,7 @@ through ``nn.intercept_methods``: no model code changes, and ``nn.scan`` / ``nn.
 models work because, inside the trace, adapters are ``params`` under reserved names
 (``dora_lora_a`` ...), which every lifted transform already carries. The wrapper's
 ``init`` and ``apply`` move them to and from the ``"dora"`` and ``"dora_cache"``
-collections, so users see the same three collections as with the layers.
+collections, so users see the same collections as with the layers.
 
 The frozen linear map (padding, dilation, precision, dtype promotion) is Flax's own: a
 plain Flax layer runs on ``W0`` and on ``A``; the DoRA math is :mod:`dora_jax.ops`.
@@ -57,6 +63,9 @@ Store = Callable[[str, Callable[[], Array] | None], Array | None]
 
 _merging = contextvars.ContextVar("dora_jax_merging", default=False)
 _caching_norms = contextvars.ContextVar("dora_jax_caching_norms", default=False)
+# Set only by cache_base_norms (and recompute_magnitudes refreshing an existing cache):
+# the ||W0||_c^2 cache depends on the params, so nothing creates it implicitly.
+_caching_base_norms = contextvars.ContextVar("dora_jax_caching_base_norms", default=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -191,8 +200,9 @@ def create_adapters(
     """Read or create one layer's :class:`Adapters`.
 
     Magnitudes are PEFT's initialisation ``||W0 + s*A@B||_c`` of the kernel present at
-    creation. Raises ``ValueError`` naming the layer for bad ranks, integer kernels and
-    adapters that do not fit the kernel.
+    creation. The ``base_norm_sq`` cache is read if present and created only inside
+    :func:`cache_base_norms`. Raises ``ValueError`` naming the layer for bad ranks,
+    integer kernels and adapters that do not fit the kernel.
     """
     where = describe(module)
     ops.check_kernel(kernel, where)
@@ -221,7 +231,10 @@ def create_adapters(
             f"(lora_a {lora_a.shape}, lora_b {lora_b.shape})."
         )
     if settings.use_dora:
-        base_norm_sq = store(CACHE, lambda: ops.column_norm_sq(kernel, layout))
+        cache_init = None
+        if _caching_base_norms.get():
+            cache_init = lambda: ops.column_norm_sq(kernel, layout)  # noqa: E731
+        base_norm_sq = store(CACHE, cache_init)
         if base_norm_sq is not None and base_norm_sq.shape != m_shape:
             raise ValueError(
                 f"{where}: cached {CACHE} has shape {base_norm_sq.shape}, expected {m_shape} "
@@ -955,9 +968,9 @@ def _merge_trees(a: Mapping, b: Mapping) -> dict:
 
 
 def recompute_magnitudes(
-    module: nn.Module, variables: Mapping[str, Any], *args, **kwargs
+    module: Any, variables: Mapping[str, Any], *args, **kwargs
 ) -> dict[str, Any]:
-    """Recompute every magnitude (and the norm cache) from the base weights now in ``variables``.
+    """Recompute every magnitude from the base weights now in ``variables``.
 
     Pretrained weights usually arrive after ``init``: load them into
     ``variables["params"]``, then call this with the same example inputs as ``init``.
@@ -965,23 +978,66 @@ def recompute_magnitudes(
     adapters (PEFT's initialisation), so with ``B = 0`` the model equals the base.
     Works for models built from DoRA layers and for :func:`wrap`\\ ped models.
 
+    Caches are never left stale: a ``base_norm_sq`` cache in ``variables`` is
+    recomputed from the params given, and the inference norm cache
+    (:func:`cache_norms`) is dropped.
+
     Returns:
       a new variables dict; ``lora_a`` and ``lora_b`` are kept.
     """
     kept = dict(variables)
-    kept.pop(DORA_CACHE, None)
+    had_cache = _has_leaf(kept.pop(DORA_CACHE, {}), CACHE)
     kept[DORA] = _drop_leaves(variables.get(DORA, {}), "magnitude")
-    _, updates = module.apply(kept, *args, mutable=[DORA, DORA_CACHE, "params"], **kwargs)
+    token = _caching_base_norms.set(had_cache)
+    try:
+        _, updates = module.apply(kept, *args, mutable=[DORA, DORA_CACHE, "params"], **kwargs)
+    finally:
+        _caching_base_norms.reset(token)
     return {**kept, **updates}
 
 
-def cache_norms(module: nn.Module, variables: Mapping[str, Any], *args, **kwargs) -> dict[str, Any]:
+def cache_base_norms(
+    module: Any, variables: Mapping[str, Any], *args, method=None, **kwargs
+) -> dict[str, Any]:
+    """``variables`` plus ``dora_cache/base_norm_sq``: each layer's ``||W0||_c^2``.
+
+    The cache depends on ``variables["params"]`` exactly as given here and on nothing
+    else; it saves squaring the frozen ``W0`` in every training step (the step computes
+    the same numbers with or without it). Call this after the params are final (after
+    loading pretrained weights), and call it again whenever they change: a cache made
+    from other params gives wrong outputs. ``init`` never creates it.
+
+    Runs the model once on the example inputs ``args`` (any batch size), with ``method``
+    and ``kwargs`` as ``apply`` takes them, to visit every adapted layer. Works for
+    models built from DoRA layers and for :func:`wrap`\\ ped models.
+
+    Returns:
+      a new variables dict; any ``dora_cache`` given is replaced (an inference norm
+      cache from :func:`cache_norms` is dropped: it depends on the params too).
+    """
+    kept = dict(variables)
+    kept.pop(DORA_CACHE, None)
+    token = _caching_base_norms.set(True)
+    try:
+        _, updates = module.apply(
+            kept, *args, method=method, mutable=[DORA_CACHE, "params"], **kwargs
+        )
+    finally:
+        _caching_base_norms.reset(token)
+    if DORA_CACHE in updates:  # absent when no layer uses DoRA (plain LoRA)
+        kept[DORA_CACHE] = updates[DORA_CACHE]
+    return kept
+
+
+def cache_norms(module: Any, variables: Mapping[str, Any], *args, **kwargs) -> dict[str, Any]:
     """Variables for inference: each layer's whole DoRA norm cached in ``dora_cache``.
 
     With the norm cached, an unmerged DoRA layer costs what an unmerged LoRA layer does
     plus one ``(out,)`` scaling: the ``A^T W0`` product is skipped. Only the ``(out,)``
-    norm is stored, never ``B @ A``. The cache is valid for these adapters only: use the
-    result for inference, not training (:func:`dora_jax.train.partition` drops it).
+    norm is stored, never ``B @ A``. The cache depends on the params (``W0``) AND the
+    adapters (``lora_a``, ``lora_b``) given here: call it again after either changes,
+    and use the result for inference, not training (:func:`dora_jax.train.partition`
+    drops it). ``init`` never creates it.
     """
     token = _caching_norms.set(True)
     try:
@@ -1010,6 +1066,12 @@ def merge_params(
     finally:
         _merging.reset(token)
     return updates["params"]
+
+
+def _has_leaf(tree: Any, name: str) -> bool:
+    return isinstance(tree, Mapping) and any(
+        k == name or _has_leaf(v, name) for k, v in tree.items()
+    )
 
 
 def _drop_leaves(tree: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -1049,6 +1111,7 @@ __all__ = [
     "DoRAEmbed",
     "DoRAMixin",
     "DoRAModel",
+    "cache_base_norms",
     "cache_norms",
     "merge_params",
     "recompute_magnitudes",

@@ -77,6 +77,7 @@ def test_merged_model_compiles_to_the_base_program():
 
 def test_training_partition_drops_cached_norms():
     _, wrapped, variables, x = _wrapped()
+    variables = dora_jax.linen.cache_base_norms(wrapped, variables, x)
     cached = dora_jax.linen.cache_norms(wrapped, variables, x)
     _, frozen = train.partition(cached)
     assert all("norm" not in layer for layer in frozen["dora_cache"].values())

@@ -153,6 +153,7 @@ def test_linen_recompute_magnitudes_after_loading_params():
     layer = dora_jax.DoRADense(3, rank=2)
     x = jax.random.normal(jax.random.key(0), (2, 5))
     variables = layer.init(jax.random.key(1), x)
+    variables = dora_jax.linen.cache_base_norms(layer, variables, x)  # refreshed below
     pretrained = jax.random.normal(jax.random.key(9), (5, 3))
     variables = {**variables, "params": {**variables["params"], "kernel": pretrained}}
     refreshed = dora_jax.recompute_magnitudes(layer, variables, x)

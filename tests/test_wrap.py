@@ -212,7 +212,7 @@ def test_init_output_equals_base_and_params_unchanged(name):
     a = arch(name)
     w = wrapped(name)
     variables = w.variables
-    assert set(variables) == {"params", "dora", "dora_cache"}
+    assert set(variables) == {"params", "dora"}  # no cache unless asked for
     # A pretrained checkpoint loads unchanged: same tree, same values.
     params = pretrained(name)
     assert jax.tree.structure(variables["params"]) == jax.tree.structure(params)
@@ -221,8 +221,10 @@ def test_init_output_equals_base_and_params_unchanged(name):
     assert leaf_paths(variables["dora"]) == {
         f"{path}/{leaf}" for path in a.adapted for leaf in ("lora_a", "lora_b", "magnitude")
     }
-    assert leaf_paths(variables["dora_cache"]) == {f"{path}/base_norm_sq" for path in a.adapted}
     assert not any("dora" in path for path in leaf_paths(variables["params"]))
+    # The ||W0||^2 cache, made only on request, has one leaf per adapted layer.
+    cached = jax.eval_shape(lambda v: dora_linen.cache_base_norms(w.model, v, *a.inputs), variables)
+    assert leaf_paths(cached["dora_cache"]) == {f"{path}/base_norm_sq" for path in a.adapted}
     out = w.apply(variables, *a.inputs)
     assert models.relative_error(out, base_output(name)) <= 1e-6
 
@@ -578,7 +580,9 @@ def test_recompute_magnitudes_after_loading_new_base_weights():
     w = wrapped("gpt")
     new_params = models.perturb(pretrained("gpt"), seed=11)
     new_base = base_apply("gpt")({"params": new_params}, *a.inputs)
-    loaded = {**w.variables, "params": new_params}
+    # A cache of the old params: recompute_magnitudes must refresh it, never keep it.
+    cached = dora_linen.cache_base_norms(w.model, w.variables, *a.inputs)
+    loaded = {**cached, "params": new_params}
     recompute = jax.jit(lambda v, *xs: dora_jax.recompute_magnitudes(w.model, v, *xs))
     fixed = recompute(loaded, *a.inputs)
     assert set(fixed) == {"params", "dora", "dora_cache"}
