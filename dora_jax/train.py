@@ -5,6 +5,11 @@ The variables split into two trees::
     trainable = {"dora": adapters, "params": modules_to_save params}   differentiated
     frozen    = everything else (the base W0, biases, dora_cache ...)  not differentiated
 
+``dora_cache`` holds each layer's ``||W0||_c^2`` when :func:`dora_jax.linen.cache_base_norms`
+made it (call it after loading the pretrained params and before :func:`partition`); it
+saves squaring the frozen kernels every step and stays in ``frozen``. Without it the
+step computes the same norms from the kernels.
+
 The step takes the gradient with respect to ``trainable`` only, so no gradient of
 ``W0`` is ever formed and the optimizer holds state for the adapters alone. For users
 who hand an optimizer the whole parameter tree, :func:`freeze` masks it with

@@ -146,6 +146,7 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
 
 def test_bfloat16_compute_keeps_float32_adapters():
     _, wrapped, config, params, variables, batch = _problem()
+    variables = dora_jax.linen.cache_base_norms(wrapped, variables, batch["inputs"])
     trainable, frozen = train.partition(variables, config)
     optimizer = train.adamw(1e-2)
     step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
