@@ -22,7 +22,9 @@ Three facts keep DoRA as cheap as LoRA:
 * the norm is detached by default (the paper's constant-C gradient, section 4.3), so it
   adds nothing to the backward pass;
 * for Dense layers with few tokens (on the CPU), ``x @ W0`` and ``A^T W0`` are one product of the
-  stacked ``[x; A^T]`` with ``W0`` (:func:`kernel_products`), so ``W0`` is read once.
+  stacked ``[x; A^T]`` with ``W0`` (:func:`kernel_products`), so ``W0`` is read once;
+  except when ``x`` and ``W0`` are both constants of the traced function (closed over,
+  not arguments): XLA then computes ``x @ W0`` at compile time, as it does for LoRA.
 """
 
 from __future__ import annotations
@@ -441,7 +443,8 @@ def adapter_forward(
       layout, scale: the kernel's :class:`Layout` and the LoRA scaling.
       apply_lora_a: ``(x, A) -> x @ A`` when ``A`` needs another map than ``W0``.
       dense_like: the map contracts ``x``'s last axis with a kernel ``(in, out)``, so
-        ``x @ W0`` and ``A^T W0`` may share one read of ``W0`` (:func:`kernel_products`).
+        ``x @ W0`` and ``A^T W0`` may share one read of ``W0`` (:func:`kernel_products`);
+        they do not when ``x`` and ``kernel`` are both concrete arrays (not tracers).
       x_dropped: the dropped-out input in training with dropout, else ``None``.
       detach_norm: constant-C gradient (default) or the exact gradient.
       base_norm_sq: cached ``||W0||_c^2`` (see :func:`column_norm_sq`).
@@ -490,6 +493,11 @@ STACK_ROWS_PER_OUTPUT: dict[str, float] = {"cpu": 0.5}
 
 def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> bool:
     if not dense_like or kernel.ndim != 2 or lora_a.ndim != 2:
+        return False
+    if not isinstance(x, jax.core.Tracer) and not isinstance(kernel, jax.core.Tracer):
+        # Both closed over by a jitted function (not its arguments): x @ W0 is then a
+        # constant that XLA computes once, at compile time. Stacking A^T under x would
+        # make it depend on A and cost the product in every step.
         return False
     rows = math.prod(x.shape[:-1])
     # The stacked product runs in the layer's own dtype: with a bfloat16 layer A^T W0 is

@@ -52,12 +52,13 @@ def test_forward_and_gradients_match_reference(monkeypatch, stack, detach_norm, 
     x = x.astype(dtype)
     tolerance = 1e-5 if dtype == "float32" else 2e-2
 
-    def loss(dora):
+    # x is an argument: with x and W0 both closed over, nothing stacks (tested below).
+    def loss(dora, x):
         y = layer.apply({"params": params, "dora": dora}, x)
         return jnp.sum(y.astype(jnp.float32) * cotangent), y
 
-    assert _uses_stacked_product(loss, dora) is stack
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(dora)
+    assert _uses_stacked_product(loss, dora, x) is stack
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(dora, x)
     assert y.dtype == jnp.dtype(dtype)
     w0, x, scale = params["kernel"].astype(jnp.float32), x.astype(jnp.float32), layer.scale
     merged = reference.merged_weight(w0, dora["lora_a"], dora["lora_b"], dora["magnitude"], scale)
@@ -104,8 +105,46 @@ def test_custom_dot_general_is_never_stacked(monkeypatch):
     custom = layer.clone(dot_general=jax.lax.dot_general)
 
     def output(layer):
-        return lambda dora: layer.apply({"params": variables["params"], "dora": dora}, x)
+        return lambda dora, x: layer.apply({"params": variables["params"], "dora": dora}, x)
 
-    assert _uses_stacked_product(output(layer), dora)
-    assert not _uses_stacked_product(output(custom), dora)
-    np.testing.assert_allclose(output(custom)(dora), output(layer)(dora), rtol=1e-5, atol=1e-6)
+    assert _uses_stacked_product(output(layer), dora, x)
+    assert not _uses_stacked_product(output(custom), dora, x)
+    np.testing.assert_allclose(
+        output(custom)(dora, x), output(layer)(dora, x), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "x_closed, kernel_closed, stacked",
+    [(True, True, False), (False, True, True), (True, False, True), (False, False, True)],
+    ids=["both-closed-over", "kernel-closed-over", "input-closed-over", "arguments"],
+)
+def test_closed_over_input_and_kernel_are_not_stacked(
+    monkeypatch, x_closed, kernel_closed, stacked
+):
+    """With ``x`` and ``W0`` both closed over by the jitted function, ``x @ W0`` is a
+    constant XLA folds at compile time (LoRA's first layer then costs no product at all);
+    stacking ``A^T`` under ``x`` would make it depend on ``A``. Otherwise it stacks.
+    Either way the numbers are the same."""
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 1e6})
+    layer, variables, dora, x, cotangent = _layer_case(tokens=6)
+    params = variables["params"]
+
+    def loss(dora, *args):
+        args = list(args)
+        p = args.pop(0) if not kernel_closed else params
+        inputs = args.pop(0) if not x_closed else x
+        return jnp.sum(layer.apply({"params": p, "dora": dora}, inputs) * cotangent)
+
+    args = ([] if kernel_closed else [params]) + ([] if x_closed else [x])
+    assert _uses_stacked_product(loss, dora, *args) is stacked
+    value, grads = jax.jit(jax.value_and_grad(loss))(dora, *args)
+
+    def plain_loss(dora, params, x):
+        return jnp.sum(layer.apply({"params": params, "dora": dora}, x) * cotangent)
+
+    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 0.0})
+    want_value, want_grads = jax.jit(jax.value_and_grad(plain_loss))(dora, params, x)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for name, want in want_grads.items():
+        np.testing.assert_allclose(grads[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
