@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from dora_jax import ops
 
@@ -78,27 +81,38 @@ class DoRAConfig:
     adapter_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        _check_patterns("targets", self.targets)
-        _check_patterns("exclude", self.exclude)
-        if isinstance(self.modules_to_save, str):
-            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
-        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
         for name in ("targets", "exclude"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
-        _check_rank("rank", self.rank)
-        for key, rank in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", rank)
-            _compile(f"rank_pattern key {key!r}", key)
-        for key in self.alpha_pattern:
-            _compile(f"alpha_pattern key {key!r}", key)
+            object.__setattr__(self, name, _patterns(name, getattr(self, name)))
+        object.__setattr__(self, "modules_to_save", _names("modules_to_save", self.modules_to_save))
+        object.__setattr__(self, "rank", _rank("rank", self.rank))
+        object.__setattr__(self, "alpha", _real("alpha", self.alpha))
+        object.__setattr__(self, "dropout", _real("dropout", self.dropout))
+        object.__setattr__(self, "eps", _real("eps", self.eps))
+        for name in ("rslora", "use_dora", "detach_norm"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise _type_error(name, "a bool", getattr(self, name))
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        for name, check in (("rank_pattern", _rank), ("alpha_pattern", _real)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, Mapping):
+                raise _type_error(name, "a dict {pattern: value}", pattern)
+            checked = {}
+            for key, value in pattern.items():
+                if not isinstance(key, str):
+                    raise _type_error(f"{name} key", "a regex string", key)
+                _compile(f"{name} key {key!r}", key)
+                checked[key] = check(f"{name}[{key!r}]", value)
+            object.__setattr__(self, name, checked)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DoRAConfig: dropout must be in [0, 1); got {self.dropout}.")
         if not self.eps >= 0.0:
             raise ValueError(f"DoRAConfig: eps must be >= 0; got {self.eps}.")
+        try:
+            floating = jnp.issubdtype(jnp.dtype(self.adapter_dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise _type_error("adapter_dtype", "a floating dtype", self.adapter_dtype)
 
     def __hash__(self):  # dicts inside: hash by value so configs can be static arguments
         return hash(repr(self))
@@ -127,35 +141,78 @@ class DoRAConfig:
     def _similarity(self, path: str) -> float:
         if isinstance(self.targets, str):
             return _similarity_to(self.targets, path)
-        parts = path.split("/")
-        return max(
-            (
-                _similarity_to(name, "/".join(parts[-(name.count("/") + 1) :]))
-                for name in self.targets
-            ),
-            default=0.0,
-        )
+        return max((_suffix_similarity(name, path) for name in self.targets), default=0.0)
 
     def check_matched(self, paths: Iterable[str], adaptable: Iterable[str]) -> None:
-        """Raise if ``targets`` matched nothing, listing the closest existing paths.
+        """Raise a ``ValueError`` for any setting that selects nothing in the model.
+
+        ``targets`` must select an adaptable layer; every ``exclude`` entry must match
+        a module (adaptable or not: excluding a module ``targets`` would wrongly select
+        is allowed); every ``rank_pattern`` and ``alpha_pattern``
+        key must match an adapted layer; every ``modules_to_save`` entry must name a
+        module. The message names the field and the entry and lists the closest
+        candidate paths, closest first, so a typo never silently does nothing.
 
         Args:
           paths: every module path of the model.
           adaptable: the paths of layers of a kind DoRA supports.
         """
         paths, adaptable = list(paths), list(adaptable)
-        if any(self.is_target(p) for p in adaptable):
-            return
-        closest = sorted(adaptable, key=lambda p: -self._similarity(p))
-        shown = [p + ("  (excluded)" if _matches(self.exclude, p) else "") for p in closest]
-        raise ValueError(
-            f"DoRAConfig targets {self.targets!r} match no adaptable layer"
-            + (f" (exclude={self.exclude!r})" if self.exclude else "")
-            + ". Adaptable layers, closest first:\n  "
-            + "\n  ".join(shown[:20] or ["(none)"])
-            + (f"\n  ... {len(closest) - 20} more" if len(closest) > 20 else "")
-            + f"\n({len(paths)} module paths in the model.)"
-        )
+        every = sorted(set(paths) | set(adaptable))
+        targeted = [p for p in adaptable if self.is_target(p)]
+        if not targeted:
+            closest = sorted(adaptable, key=lambda p: -self._similarity(p))
+            shown = [p + ("  (excluded)" if _matches(self.exclude, p) else "") for p in closest]
+            raise ValueError(
+                f"DoRAConfig targets {self.targets!r} match no adaptable layer"
+                + (f" (exclude={self.exclude!r})" if self.exclude else "")
+                + ". Adaptable layers, closest first:\n  "
+                + _listing(shown)
+                + f"\n({len(paths)} module paths in the model.)"
+            )
+        regex = isinstance(self.exclude, str)
+        for entry in [self.exclude] if regex else self.exclude:
+            if not any(_matches(entry if regex else (entry,), p) for p in every):
+                _unmatched(
+                    "exclude", entry, "matches no module", "Module paths", every, suffix=not regex
+                )
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                if not any(_first_match({key: True}, p, False) for p in targeted):
+                    _unmatched(
+                        name,
+                        key,
+                        "matches no adapted layer",
+                        "Adapted layers",
+                        targeted,
+                        suffix=True,
+                    )
+        for entry in self.modules_to_save:
+            if not any(_matches((entry,), p) for p in every):
+                _unmatched(
+                    "modules_to_save", entry, "names no module", "Module paths", every, suffix=True
+                )
+
+
+def _unmatched(field: str, entry: str, problem: str, what: str, candidates, *, suffix: bool):
+    """Raise the error for a config entry that selects nothing, closest candidates first."""
+    score = _suffix_similarity if suffix else _similarity_to
+    closest = sorted(candidates, key=lambda p: -score(entry, p))
+    raise ValueError(
+        f"DoRAConfig {field} entry {entry!r} {problem}. {what}, closest first:\n  "
+        + _listing(closest)
+    )
+
+
+def _listing(paths: Sequence[str], limit: int = 20) -> str:
+    more = f"\n  ... {len(paths) - limit} more" if len(paths) > limit else ""
+    return "\n  ".join(list(paths[:limit]) or ["(none)"]) + more
+
+
+def _suffix_similarity(wanted: str, path: str) -> float:
+    """How alike a name (or pattern) and a path are, over the path's ``/``-suffixes."""
+    parts = path.split("/")
+    return max(_similarity_to(wanted, "/".join(parts[-n:])) for n in range(1, len(parts) + 1))
 
 
 def _similarity_to(wanted: str, path: str) -> float:
@@ -163,17 +220,46 @@ def _similarity_to(wanted: str, path: str) -> float:
     return difflib.SequenceMatcher(None, wanted, path).ratio()
 
 
-def _check_patterns(name: str, patterns: Patterns) -> None:
+def _type_error(name: str, wanted: str, value: Any) -> TypeError:
+    return TypeError(
+        f"DoRAConfig: {name} must be {wanted}; got {value!r} ({type(value).__name__})."
+    )
+
+
+def _patterns(name: str, patterns: Any) -> Patterns:
+    """``targets`` / ``exclude``: a regex string (checked), or a tuple of names."""
     if isinstance(patterns, str):
         _compile(f"{name} {patterns!r}", patterns)
-        return
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"DoRAConfig: {name} must be a regex string or a list of names.")
+        return patterns
+    return _names(name, patterns)
 
 
-def _check_rank(name: str, rank: Any) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+def _names(name: str, names: Any) -> tuple[str, ...]:
+    if isinstance(names, str):
+        return (names,)
+    if isinstance(names, Mapping | bytes) or not isinstance(names, Iterable):
+        raise _type_error(name, "a string or a list of strings", names)
+    names = tuple(names)
+    for item in names:
+        if not isinstance(item, str):
+            raise _type_error(f"{name} entry", "a string", item)
+    return names
+
+
+def _rank(name: str, rank: Any) -> int:
+    if isinstance(rank, bool | np.bool_) or not isinstance(rank, numbers.Integral):
+        raise _type_error(name, "an integer >= 1", rank)
+    if rank < 1:
         raise ValueError(f"DoRAConfig: {name} must be an integer >= 1; got {rank!r}.")
+    return int(rank)
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise _type_error(name, "a real number", value)
+    if not math.isfinite(value):
+        raise ValueError(f"DoRAConfig: {name} must be finite; got {value!r}.")
+    return float(value)
 
 
 def _compile(what: str, pattern: str) -> re.Pattern:
