@@ -61,7 +61,8 @@ RECORD = "dora_jax.json"  # in <step>/meta/
 STORED = "dora_jax_stored.json"  # in <step>/state/
 LOCK = ".dora_jax.lock"
 _TMP = ocp.utils.TMP_DIR_SUFFIX
-# Files of Orbax's OCDBT store: checked through the values they hold, not byte by byte.
+_EMPTY = hashlib.sha256(b"").hexdigest()
+# Files of Orbax's OCDBT store (data files, b-tree nodes, manifests).
 _OCDBT = re.compile(r"(^|/)(d/|ocdbt\.process_\d+/)|(^|/)manifest\.ocdbt$")
 
 
@@ -125,9 +126,7 @@ class AdapterCheckpoints:
         registry.add("meta", ocp.args.JsonRestore, meta_handler)
         # No max_to_keep: Orbax would also delete old steps after a failed save, and
         # by insertion order, so a forced older step would evict a newer one.
-        options = ocp.CheckpointManagerOptions(
-            create=True, enable_async_checkpointing=async_save
-        )
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
@@ -195,9 +194,7 @@ class AdapterCheckpoints:
         }
         if step in folders:
             self.manager.delete(step)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(record)
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(record))
         try:
             # force: the checks above replace Orbax's should_save (which says a silent no).
             self.manager.save(step, args=args, force=True)
@@ -384,7 +381,8 @@ class AdapterCheckpoints:
             diff = _compare(record["base"], self._base, "given base")
             if diff:
                 raise CheckpointMismatchError(
-                    f"{where} belongs to another base model: " + "; ".join(diff[:5])
+                    f"{where} belongs to another base model: "
+                    + "; ".join(diff[:5])
                     + (f"; ... {len(diff) - 5} more" if len(diff) > 5 else "")
                     + "."
                 )
@@ -393,7 +391,8 @@ class AdapterCheckpoints:
         diff = _compare(stored, wanted, "requested")
         if diff:
             raise CheckpointMismatchError(
-                f"{where} does not fit the state it is restored into: " + "; ".join(diff[:5])
+                f"{where} does not fit the state it is restored into: "
+                + "; ".join(diff[:5])
                 + (f"; ... {len(diff) - 5} more" if len(diff) > 5 else "")
                 + "."
             )
@@ -457,10 +456,12 @@ class _StateHandler(ocp.StandardCheckpointHandler):
             store = _open_store(directory)
             keys = [k.decode() for k in store.list().result()]
             reads = {k: store.read(k) for k in keys}
-            stored["values"] = {k: hashlib.sha256(r.result().value).hexdigest() for k, r in reads.items()}
+            stored["values"] = {
+                k: hashlib.sha256(r.result().value).hexdigest() for k, r in reads.items()
+            }
         for path in sorted(directory.rglob("*")):
             name = path.relative_to(directory).as_posix()
-            if path.is_file() and not _OCDBT.search(name):
+            if path.is_file():
                 stored["files"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
         _write_json(directory / STORED, stored)
 
@@ -474,7 +475,11 @@ def _open_store(directory: Path):
 
 
 def _check_stored(directory: Path, names: Mapping[str, str], where: str) -> None:
-    """Raise if a stored value or file lost its checksum, naming the leaf it belongs to."""
+    """Raise if a stored value or file lost its checksum, naming the leaf it belongs to.
+
+    Values first (each belongs to one leaf); then every file, which also catches damage
+    in a part of the store that no value read touches.
+    """
     path = directory / STORED
     try:
         stored = json.loads(path.read_text())
@@ -485,8 +490,43 @@ def _check_stored(directory: Path, names: Mapping[str, str], where: str) -> None
 
     def owner(key: str) -> str:
         name = key.split("/")[0]
-        return f"leaf {names[name]!r}" if name in names else "the tree metadata"
+        if name in names:
+            return f"leaf {names[name]!r}"
+        return "the array store" if _OCDBT.search(key) else "the tree metadata"
 
+    if stored["values"]:
+        try:
+            store = _open_store(directory)
+            reads = {k: store.read(k) for k in stored["values"]}
+        except Exception as error:
+            raise CorruptCheckpointError(
+                f"{where}: the array store in {directory} cannot be opened ({_short(error)})."
+            ) from error
+        damaged: list[tuple[str, str, Exception | None]] = []
+        for key, digest in stored["values"].items():
+            try:
+                result = reads[key].result()
+            except Exception as error:
+                damaged.append((key, "cannot be read", error))
+                continue
+            if result.state != "value" or (not result.value and digest != _EMPTY):
+                damaged.append((key, "is missing", None))  # a deleted data file reads empty
+            elif hashlib.sha256(result.value).hexdigest() != digest:
+                damaged.append((key, f"differs from what was written ({key})", None))
+        unreadable = [d for d in damaged if d[2] is not None]
+        if damaged and len(unreadable) == len(stored["values"]):
+            raise CorruptCheckpointError(
+                f"{where}: none of the stored values in {directory} can be read, the "
+                f"store's index is damaged ({_short(unreadable[0][2])})."
+            ) from unreadable[0][2]
+        if damaged:
+            key, what, error = damaged[0]
+            leaves = {owner(k) for k, _, _ in damaged} - {owner(key)}
+            more = f" (and {len(leaves)} more leaves)" if leaves else ""
+            reason = f" ({_short(error)})" if error is not None else ""
+            raise CorruptCheckpointError(
+                f"{where}: {owner(key)} {what} in {directory}{more}{reason}."
+            ) from error
     for name, digest in stored["files"].items():
         file = directory / name
         if not file.is_file():
@@ -495,29 +535,6 @@ def _check_stored(directory: Path, names: Mapping[str, str], where: str) -> None
             raise CorruptCheckpointError(
                 f"{where}: {owner(name)}: file {file} differs from what was written "
                 "(checksum mismatch)."
-            )
-    if not stored["values"]:
-        return
-    try:
-        store = _open_store(directory)
-        reads = {k: store.read(k) for k in stored["values"]}
-    except Exception as error:
-        raise CorruptCheckpointError(
-            f"{where}: the array store in {directory} cannot be opened ({_short(error)})."
-        ) from error
-    for key, digest in stored["values"].items():
-        try:
-            result = reads[key].result()
-        except Exception as error:
-            raise CorruptCheckpointError(
-                f"{where}: {owner(key)} cannot be read from {directory} ({_short(error)})."
-            ) from error
-        if result.state != "value":
-            raise CorruptCheckpointError(f"{where}: {owner(key)} is missing from {directory}.")
-        if hashlib.sha256(result.value).hexdigest() != digest:
-            raise CorruptCheckpointError(
-                f"{where}: {owner(key)} differs from what was written in {directory} "
-                f"(checksum mismatch in {key})."
             )
 
 
@@ -601,7 +618,8 @@ def _check_finite(host: Any, what: str) -> None:
     ]
     if bad:
         raise CheckpointError(
-            f"{what}: NaN or Inf in leaf " + ", ".join(bad[:5])
+            f"{what}: NaN or Inf in leaf "
+            + ", ".join(bad[:5])
             + (f" and {len(bad) - 5} more leaves" if len(bad) > 5 else "")
             + ". Pass allow_nonfinite=True to save it anyway."
         )
