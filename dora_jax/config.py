@@ -190,7 +190,12 @@ class DoRAConfig:
         for entry in self.modules_to_save:
             if not any(_matches((entry,), p) for p in every):
                 _unmatched(
-                    "modules_to_save", entry, "names no module", "Module paths", every, suffix=True
+                    "modules_to_save",
+                    entry,
+                    "matches no module",
+                    "Module paths",
+                    every,
+                    suffix=True,
                 )
 
 
@@ -258,7 +263,7 @@ def _real(name: str, value: Any) -> float:
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise _type_error(name, "a real number", value)
     if not math.isfinite(value):
-        raise ValueError(f"DoRAConfig: {name} must be finite; got {value!r}.")
+        raise ValueError(f"DoRAConfig: {name} must be finite; got {float(value)!r}.")
     return float(value)
 
 
