@@ -10,11 +10,13 @@ Each step folder is written by Orbax (into a temporary folder, renamed when comp
 and holds two items::
 
     <step>/state/   the arrays (Orbax's StandardSave, OCDBT), plus ``dora_jax_stored.json``:
-                    the sha256 of every stored value and metadata file, taken from disk
-                    after Orbax finished writing (before the rename)
+                    the sha256 of every stored value and every file, read back from disk
+                    once Orbax has written them (before the rename)
     <step>/meta/    ``dora_jax.json``: step, data position, DoRA config, base fingerprint,
                     and per leaf its path, shape, dtype and the sha256 of its bytes
 
+One process writes into a folder at a time (a lock file, see
+:class:`AdapterCheckpoints`); saves can run in the background (``async_save=True``).
 Restoring checks, in order: the record is readable; the config, the base fingerprint
 and every leaf's shape and dtype match what is asked for (:class:`CheckpointMismatchError`);
 every stored value and file still has its checksum; Orbax reads it; every restored leaf
@@ -60,7 +62,7 @@ FORMAT = 1
 RECORD = "dora_jax.json"  # in <step>/meta/
 STORED = "dora_jax_stored.json"  # in <step>/state/
 LOCK = ".dora_jax.lock"
-_TMP = ocp.utils.TMP_DIR_SUFFIX
+_TMP = getattr(ocp.utils, "TMP_DIR_SUFFIX", ".orbax-checkpoint-tmp")  # Orbax's temporary folders
 _EMPTY = hashlib.sha256(b"").hexdigest()
 # Files of Orbax's OCDBT store (data files, b-tree nodes, manifests).
 _OCDBT = re.compile(r"(^|/)(d/|ocdbt\.process_\d+/)|(^|/)manifest\.ocdbt$")
@@ -124,8 +126,8 @@ class AdapterCheckpoints:
         registry.add("state", ocp.args.StandardRestore, state_handler)
         registry.add("meta", ocp.args.JsonSave, meta_handler)
         registry.add("meta", ocp.args.JsonRestore, meta_handler)
-        # No max_to_keep: Orbax would also delete old steps after a failed save, and
-        # by insertion order, so a forced older step would evict a newer one.
+        # No max_to_keep: Orbax's deletes by order of saving (a forced older step would
+        # evict a newer one), and after a failed background save too.
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
@@ -163,6 +165,10 @@ class AdapterCheckpoints:
             ``force``); another process writes into the folder; a leaf holds NaN or
             Inf; the write failed (the partial step folder is removed).
         """
+        if data_position is not None and (
+            not isinstance(data_position, int | np.integer) or data_position < 0
+        ):
+            raise ValueError(f"data_position must be an integer >= 0; got {data_position!r}.")
         self._finish_pending()
         step = int(np.max(jax.device_get(state.step)))
         if step in self._known:
@@ -177,10 +183,6 @@ class AdapterCheckpoints:
                 "folder, or pass force=True to write step "
                 f"{step} beside them (newer steps are kept)."
             )
-        if data_position is not None and (
-            not isinstance(data_position, int | np.integer) or data_position < 0
-        ):
-            raise ValueError(f"data_position must be an integer >= 0; got {data_position!r}.")
         host = _host_copy(_plain(state))
         if not allow_nonfinite:
             _check_finite(host, f"refusing to save step {step} to {self.directory}")
@@ -230,7 +232,8 @@ class AdapterCheckpoints:
 
     def _failed_save(self, step: int, error: Exception):
         # We hold the lock, so every temporary folder here is a write of ours.
-        self._remove_temporary_folders()
+        if jax.process_index() == 0:
+            self._remove_temporary_folders()
         self.manager.reload()
         raise CheckpointError(
             f"saving step {step} to {self.directory} failed ({_short(error)}); "
@@ -301,6 +304,10 @@ class AdapterCheckpoints:
                 restored = self._restore_step(like, candidate)
             except CorruptCheckpointError as error:
                 if not fallback:
+                    error.args = (
+                        f"{error} restore(..., fallback=True) restores the newest "
+                        "intact step before it.",
+                    )
                     raise
                 skipped.append(str(error))
                 continue
