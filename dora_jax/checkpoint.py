@@ -249,6 +249,8 @@ class AdapterCheckpoints:
             file.seek(0)
             owner = file.read().strip() or "an unknown process"
             file.close()
+            if owner.startswith(f"pid {os.getpid()} "):
+                owner = "another AdapterCheckpoints of this process, not closed"
             raise CheckpointError(
                 f"{self.directory} is being written by another writer ({owner}, lock "
                 f"{path}); two writers would delete each other's checkpoints. Use "

@@ -341,6 +341,19 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_taken_over(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / ckpt.LOCK).read_text()
 
 
+def test_second_writer_in_the_same_process_is_refused(tmp_path):
+    first = AdapterCheckpoints(tmp_path)
+    first.save(_state(step=1))
+    with (
+        AdapterCheckpoints(tmp_path) as second,
+        pytest.raises(CheckpointError, match="another AdapterCheckpoints of this process"),
+    ):
+        second.save(_state(step=2))
+    first.close()  # releases the lock
+    with AdapterCheckpoints(tmp_path) as second:
+        assert second.save(_state(step=2))
+
+
 def test_sigkill_during_saves_keeps_earlier_steps(tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     from checkpoint_worker import state_at
