@@ -5,8 +5,19 @@ keeps its ``kernel`` and ``bias`` where they were, and adds::
 
     lora_a, lora_b   DoRAParam      (an nnx.LoRAParam)
     magnitude        Magnitude      (an nnx.LoRAParam)
-    base_norm_sq     NormCache      (not a parameter: the cached ||W0||_c^2)
+    base_norm_sq     NormCache      (only after cache_base_norms: ||W0||_c^2, else None)
     inference_norm   NormCache      (only after cache_norms: the whole norm, inference)
+
+No layer holds a cache unless asked: without one, a call computes ``||W0||_c^2`` from
+the kernel it has, so new base weights set into an adapted layer are used as they are
+(call :meth:`DoRAMixin.recompute_magnitude` for PEFT's magnitudes of them).
+:func:`cache_base_norms` caches ``||W0||_c^2`` to save squaring the frozen kernel in
+each training step; it is valid for the kernel of that moment. Assigning a new kernel
+variable (``layer.kernel = nnx.Param(w)``) drops the layer's caches; changing the value
+in place (``layer.kernel[...] = w``, ``nnx.update``) cannot be seen by the layer (Flax
+0.12 has no supported hook on a variable's value: ``on_set_value`` metadata is
+deprecated and ``nnx.update`` bypasses it), so call :func:`cache_base_norms` again after
+it.
 
 Because the adapters are ``nnx.LoRAParam``\\ s, ``nnx.grad(..., wrt=nnx.LoRAParam)``,
 ``nnx.Optimizer(..., wrt=nnx.LoRAParam)`` and every tool that already filters LoRA
@@ -47,8 +58,9 @@ class Magnitude(nnx.LoRAParam):
 
 
 class NormCache(nnx.Variable):
-    """A cached norm, not trained: ``||W0||_c^2`` of the frozen kernel, or (after
-    :func:`cache_norms`) the whole DoRA norm for inference."""
+    """A cached norm, not trained: ``||W0||_c^2`` of the frozen kernel (after
+    :func:`cache_base_norms`), or the whole DoRA norm for inference (after
+    :func:`cache_norms`). Valid only for the weights it was computed from."""
 
 
 _DORA_ARGS = (
@@ -122,24 +134,41 @@ class DoRAMixin:
         self.lora_a = DoRAParam(a_init(rngs.params(), a_shape, adapter_dtype))
         self.lora_b = DoRAParam(b_init(rngs.params(), b_shape, adapter_dtype))
         self.magnitude = nnx.data(None)
-        self.base_norm_sq = nnx.data(None)
+        self.base_norm_sq = nnx.data(None)  # only cache_base_norms sets it
         self.inference_norm = nnx.data(None)
         if use_dora:
-            magnitude, base_norm_sq = self._magnitude_and_cache()
-            self.magnitude = Magnitude(magnitude)
-            self.base_norm_sq = NormCache(base_norm_sq)
+            self.magnitude = Magnitude(self._initial_magnitude())
         self.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
 
-    def recompute_magnitude(self) -> None:
-        """Set ``m = ||W0 + s*A@B||_c`` and the norm cache from the current weights.
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A new kernel variable invalidates every norm computed from the old one.
+        if name == self.kernel_name and getattr(self, "base_norm_sq", None) is not None:
+            super().__setattr__("base_norm_sq", nnx.data(None))
+        if name == self.kernel_name and getattr(self, "inference_norm", None) is not None:
+            super().__setattr__("inference_norm", nnx.data(None))
+        super().__setattr__(name, value)
 
-        Call after loading new base weights into the layer (PEFT's initialisation).
+    def recompute_magnitude(self) -> None:
+        """Set ``m = ||W0 + s*A@B||_c`` from the current weights (PEFT's initialisation).
+
+        Call after loading new base weights into the layer. A ``base_norm_sq`` cache is
+        recomputed from the current kernel; the inference norm cache is dropped.
         """
         if self.use_dora:
-            magnitude, base_norm_sq = self._magnitude_and_cache()
-            self.magnitude.set_value(magnitude)
-            self.base_norm_sq.set_value(base_norm_sq)
+            self.magnitude.set_value(self._initial_magnitude())
+            if self.base_norm_sq is not None:
+                self.cache_base_norm()
             self.inference_norm = nnx.data(None)
+
+    def cache_base_norm(self) -> None:
+        """Cache ``||W0||_c^2`` of the current kernel (see :func:`cache_base_norms`)."""
+        if self.use_dora:
+            kernel = getattr(self, self.kernel_name)[...]
+            self.base_norm_sq = NormCache(ops.column_norm_sq(kernel, self.layout))
+
+    def clear_base_norm(self) -> None:
+        """Drop the ``||W0||_c^2`` cache; calls compute it from the kernel again."""
+        self.base_norm_sq = nnx.data(None)
 
     def cache_norm(self) -> None:
         """Cache the whole DoRA norm for inference (see :func:`cache_norms`)."""
@@ -150,16 +179,31 @@ class DoRAMixin:
                 self.lora_b[...],
                 self.scale,
                 self.layout,
-                base_norm_sq=self.base_norm_sq[...],
+                base_norm_sq=self._base_norm_sq(),
                 eps=self.eps,
             )
             self.inference_norm = NormCache(norm)
 
-    def _magnitude_and_cache(self) -> tuple[Array, Array]:
+    def _base_norm_sq(self) -> Array | None:
+        """The cached ``||W0||_c^2`` checked against the kernel, or ``None``."""
+        if not self.use_dora or self.base_norm_sq is None:
+            return None
+        cache = self.base_norm_sq[...]
+        kernel_shape = getattr(self, self.kernel_name).shape
+        expected = self.layout.lora_shapes(kernel_shape, 1)[2]
+        if tuple(cache.shape) != tuple(expected):
+            raise ValueError(
+                f"{type(self).__name__}: cached base_norm_sq has shape {tuple(cache.shape)}, "
+                f"expected {tuple(expected)} for kernel {tuple(kernel_shape)}; call "
+                f"cache_base_norms again after changing the kernel."
+            )
+        return cache
+
+    def _initial_magnitude(self) -> Array:
         kernel = getattr(self, self.kernel_name)[...]
         lora_a, lora_b = self.lora_a[...], self.lora_b[...]
         magnitude = ops.init_magnitude(kernel, lora_a, lora_b, self.scale, self.layout)
-        return magnitude.astype(lora_a.dtype), ops.column_norm_sq(kernel, self.layout)
+        return magnitude.astype(lora_a.dtype)
 
     def _dropped(self, x: Array, deterministic: bool | None) -> Array | None:
         if self.dropout == 0.0:
@@ -195,7 +239,7 @@ class DoRAMixin:
             lora_a,
             lora_b,
             magnitude,
-            self.base_norm_sq[...] if self.use_dora else None,
+            self._base_norm_sq(),
             None if self.inference_norm is None else self.inference_norm[...],
         )
         return dora_linen.adapted_output(
@@ -503,7 +547,7 @@ class DoRAEmbed(DoRAMixin, nnx.Embed):
             self.magnitude[...] if self.use_dora else None,
             self.scale,
             detach_norm=self.detach_norm,
-            base_norm_sq=self.base_norm_sq[...] if self.use_dora else None,
+            base_norm_sq=self._base_norm_sq(),
             norm=None if self.inference_norm is None else self.inference_norm[...],
             eps=self.eps,
         )
@@ -601,13 +645,39 @@ def merge(model: nnx.Module) -> nnx.Module:
     return model
 
 
+def cache_base_norms(model: nnx.Module) -> nnx.Module:
+    """Cache every DoRA layer's ``||W0||_c^2``, in place; return the model.
+
+    The cache depends on the layer's kernel as it is now, and on nothing else: it saves
+    squaring the frozen ``W0`` in every training step (the step computes the same
+    numbers with or without it). Call it after the base weights are final (after
+    loading pretrained weights and :meth:`DoRAMixin.recompute_magnitude`), and again
+    whenever a kernel's value changes: a layer cannot see ``kernel[...] = w`` or
+    ``nnx.update``. Assigning a new kernel variable drops the layer's caches.
+    :func:`apply_dora` and ``from_module`` never create it.
+    """
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, DoRAMixin):
+            module.cache_base_norm()
+    return model
+
+
+def clear_base_norms(model: nnx.Module) -> nnx.Module:
+    """Drop every ``||W0||_c^2`` cache set by :func:`cache_base_norms`, in place."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, DoRAMixin):
+            module.clear_base_norm()
+    return model
+
+
 def cache_norms(model: nnx.Module) -> nnx.Module:
     """Cache every DoRA layer's whole norm for inference, in place; return the model.
 
     An unmerged layer then skips the ``A^T W0`` product: it costs an unmerged LoRA
-    layer plus one ``(out,)`` scaling. Only the ``(out,)`` norm is stored. Valid for the
-    current adapters: call again after changing them, or ``recompute_magnitude()`` /
-    :func:`clear_norms` before training.
+    layer plus one ``(out,)`` scaling. Only the ``(out,)`` norm is stored. It depends on
+    the kernel (``W0``) AND the adapters (``lora_a``, ``lora_b``) of this moment: call
+    again after changing either, or ``recompute_magnitude()`` / :func:`clear_norms`
+    before training. :func:`apply_dora` and ``from_module`` never create it.
     """
     for _, module in nnx.iter_graph(model):
         if isinstance(module, DoRAMixin):

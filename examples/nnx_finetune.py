@@ -101,6 +101,9 @@ def main(argv=None) -> dict[str, float]:
         targets=r"hidden/\d+", rank=8, alpha=16.0, modules_to_save=["head"]
     )
     dora_jax.nnx.apply_dora(model, config, rngs=nnx.Rngs(1))
+    # ||W0||^2 of the frozen kernels, computed once instead of every step; it belongs to
+    # these kernels (call again if they change).
+    dora_jax.nnx.cache_base_norms(model)
     print(dora_jax.nnx.summary(model))
     before = accuracy(model, test, task_b[n:])
     kernels = [np.asarray(layer.kernel[...]) for layer in model.hidden]

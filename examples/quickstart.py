@@ -26,7 +26,10 @@ class MLP(nn.Module):
 def train(use_dora: bool, x, target, steps: int) -> tuple[float, float]:
     """Adapt the frozen MLP to ``target``; return the loss before and after."""
     model = MLP(use_dora=use_dora)
-    variables = model.init(jax.random.key(1), x)
+    variables = model.init(jax.random.key(1), x)  # params and dora
+    # ||W0||^2 of the frozen weights, computed once instead of every step. It belongs to
+    # these params: make it after the final (pretrained) weights are in place.
+    variables = dora_jax.linen.cache_base_norms(model, variables, x)
     frozen = {k: v for k, v in variables.items() if k != "dora"}
     optimizer = optax.adam(1e-2)
 

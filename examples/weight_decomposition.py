@@ -83,6 +83,8 @@ def run(method: str, model, pretrained, data, args) -> list[tuple[float, float]]
         variables = wrapped.init_from_params(
             jax.random.key(0), {"bert": pretrained}, *inputs(sample)
         )
+        # ||W0||^2 of the frozen pretrained weights, once instead of every step.
+        variables = dora_jax.linen.cache_base_norms(wrapped, variables, *inputs(sample))
         trainable, frozen = train.partition(variables, config)
         forward = train.linen_forward(wrapped, inputs)
         learning_rate = args.lr

@@ -429,7 +429,12 @@ def test_linen_wrapper_and_nnx_surgery_agree_on_the_same_cnn():
     dora_nnx.apply_dora(model, config, rngs=nnx.Rngs(models.key(7)))
     assert adapted_paths(model) == set(models.CNN_LAYERS)
 
-    # The "dora" collection mirrors the NNX layers; magnitudes and caches agree at init.
+    # The "dora" collection mirrors the NNX layers; magnitudes and caches agree at init
+    # (caches exist in neither until asked for).
+    assert "dora_cache" not in variables
+    assert all(getattr(model, name).base_norm_sq is None for name in models.CNN_LAYERS)
+    variables = dora_linen.cache_base_norms(wrapped, variables, x)
+    dora_nnx.cache_base_norms(model)
     for name in models.CNN_LAYERS:
         layer, dora = getattr(model, name), variables["dora"][name]
         assert set(dora) == set(ADAPTERS)
