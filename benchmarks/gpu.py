@@ -311,6 +311,7 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
     dora_model = GainedLayer(fan_out, rank, use_dora=True)
     lora_model = GainedLayer(fan_out, rank, use_dora=False)
     variables = jax.jit(dora_model.init)(jax.random.key(rank), x)
+    variables = dora_jax.linen.cache_base_norms(dora_model, variables, x)  # ||W0||_c^2
     errors, check_s = check_accuracy(variables, x, fan_out, rank, jax.random.key(7))
     worst = max(errors.values())
     print(

@@ -56,6 +56,8 @@ def variants(width: int, layers: int, tokens: int):
         config = dora_jax.DoRAConfig(targets=".*layer_[0-9]+", rank=RANK, use_dora=use_dora)
         wrapped = dora_jax.linen.wrap(model, config)
         variables = wrapped.init_from_params(jax.random.key(2), params, x)
+        # The cached ||W0||_c^2 (only DoRA layers have one), made from the final params.
+        variables = dora_jax.linen.cache_base_norms(wrapped, variables, x)
         leaves, treedef = jax.tree.flatten(variables["dora"])
         keys = jax.random.split(jax.random.key(3), len(leaves))
         noisy = [

@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_time import MLP, load_average, make_step  # noqa: E402  (shared, same folder)
 
+import dora_jax  # noqa: E402
+
 ALPHA = 16.0
 BASE = {"width": 2048, "tokens": 256, "rank": 16}
 SWEEPS = {
@@ -76,6 +78,8 @@ class Runner:
     def __init__(self, use_dora: bool, width: int, layers: int, rank: int, x):
         model = MLP(width, layers, use_dora=use_dora, rank=rank)
         variables = jax.jit(model.init)(jax.random.key(0), x)
+        if use_dora:  # the cached ||W0||_c^2 (LoRA has no norm)
+            variables = dora_jax.linen.cache_base_norms(model, variables, x)
         self.frozen = {k: v for k, v in variables.items() if k != "dora"}
         self.trainable = variables["dora"]
         optimizer = optax.adamw(1e-4)

@@ -30,6 +30,24 @@ DESIGN.md section 3 before anyone changes the library):
   saved activation cost on their own, so the part of DoRA's overhead due to the norm is
   the difference to ``dora``.
 
+``--patterns`` chooses how the step sees the frozen variables (default ``argument``; a
+comma-separated list measures several side by side in one process, each with its own
+tables, ratios against its own LoRA):
+
+* ``argument``: the frozen ``"params"`` and ``"dora_cache"`` and the batch are arguments
+  of the jitted step, as above;
+* ``closure``: the loss function closes over the frozen variables (as the README's first
+  Linen example does), so ``jit`` embeds them as compile-time constants; the batch is an
+  argument;
+* ``closure-batch``: the loss closes over the batch too (one fixed batch, as in that
+  example): XLA then folds the first layer's ``x @ W0`` at compile time.
+
+Variants for these comparisons (with ``--variants``): ``dora-nocache`` (above; with a
+constant ``W0`` XLA folds ``||W0||_c^2`` at compile time, so the cache changes nothing)
+and ``dora-stacked``, the library layer under the rule it had before it told constants
+apart: ``[x; A^T] @ W0`` stacked even when ``x`` and ``W0`` are both constants, which
+keeps XLA from folding ``x @ W0``.
+
 Step times are medians over interleaved rounds (every round runs each variant a few
 steps, in a rotating order, so background load hits all of them alike). A second table
 gives, per variant, the fastest step, the median over rounds of the ratio to LoRA in the
@@ -41,7 +59,9 @@ less sensitive than wall time to other processes competing for the cores. Temp m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import math
 import os
 import platform
 import statistics
@@ -64,7 +84,13 @@ SHAPES = ((1024, 4, 512), (2048, 4, 256), (4096, 2, 128))
 RANK = 16
 ALPHA = 16.0
 MAIN_VARIANTS = ("lora", "dora", "materialised")
-EXTRA_VARIANTS = ("dora-nocache", "dora-fused", "dora-concat", "magnitude-only")
+EXTRA_VARIANTS = ("dora-nocache", "dora-fused", "dora-concat", "magnitude-only", "dora-stacked")
+# What the jitted step takes as arguments; the rest its loss function closes over.
+PATTERNS = {
+    "argument": "the frozen variables and the batch are arguments of the jitted step",
+    "closure": "the loss closes over the frozen variables (compile-time constants)",
+    "closure-batch": "the loss closes over the frozen variables and the batch",
+}
 
 
 class MLP(nn.Module):
@@ -185,12 +211,14 @@ def make_variant(name: str, width: int, layers: int, x):
     model = MLP(width, layers, use_dora=use_dora, dtype=x.dtype)
     variables = model.init(jax.random.key(0), x)
     frozen = {"params": variables["params"]}
-    if name in ("dora", "dora-fused", "dora-concat", "magnitude-only"):
-        frozen["dora_cache"] = variables["dora_cache"]
+    if name in ("dora", "dora-fused", "dora-concat", "magnitude-only", "dora-stacked"):
+        cached = dora_jax.linen.cache_base_norms(model, variables, x)
+        frozen["dora_cache"] = cached["dora_cache"]
     applies = {
         "lora": model.apply,
         "dora": model.apply,
         "dora-nocache": model.apply,
+        "dora-stacked": model.apply,
         "materialised": functional_mlp(materialised_layer),
         "dora-fused": functional_mlp(fused_layer),
         "dora-concat": functional_mlp(concat_layer),
@@ -199,8 +227,19 @@ def make_variant(name: str, width: int, layers: int, x):
     return applies[name], frozen, variables["dora"]
 
 
-def make_step(apply: Callable, optimizer: optax.GradientTransformation):
+def make_step(apply: Callable, optimizer: optax.GradientTransformation, closed_over=None):
+    """``(step, loss_fn)``: ``step(trainable, opt_state, frozen, x)``, jitted, donating
+    the trainable and optimizer state; ``loss_fn(trainable, frozen, x)``.
+
+    ``closed_over`` (a dict with ``"frozen"`` and optionally ``"x"``): values the loss
+    uses instead of the arguments of those names, so ``jit`` embeds them as constants
+    (and drops the unused arguments).
+    """
+    closed_over = dict(closed_over or {})
+
     def loss_fn(trainable, frozen, x):
+        frozen = closed_over.get("frozen", frozen)
+        x = closed_over.get("x", x)
         return jnp.mean(jnp.square(apply({**frozen, "dora": trainable}, x).astype(jnp.float32)))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -250,10 +289,17 @@ class TimedSteps:
 class CompiledStep(TimedSteps):
     """A jit-compiled training step of :func:`make_step` and its (donated, rolling) state."""
 
-    def __init__(self, name: str, apply: Callable, frozen, trainable, x, optimizer):
+    def __init__(
+        self, name: str, apply: Callable, frozen, trainable, x, optimizer, pattern="argument"
+    ):
         super().__init__()
         self.name, self.frozen, self.x = name, frozen, x
-        step, self.loss_fn = make_step(apply, optimizer)
+        closed_over = {
+            "argument": {},
+            "closure": {"frozen": frozen},
+            "closure-batch": {"frozen": frozen, "x": x},
+        }[pattern]
+        step, self.loss_fn = make_step(apply, optimizer, closed_over)
         self.initial = trainable
         # Copies: the step donates its inputs.
         self.trainable = jax.tree.map(jnp.copy, trainable)
@@ -272,12 +318,33 @@ class CompiledStep(TimedSteps):
 
 
 class Runner(CompiledStep):
-    """One variant of this benchmark."""
+    """One variant of this benchmark, in one of the :data:`PATTERNS`."""
 
-    def __init__(self, name, width, layers, x, optimizer):
+    def __init__(self, name, width, layers, x, optimizer, pattern="argument"):
         apply, frozen, trainable = make_variant(name, width, layers, x)
-        super().__init__(name, apply, frozen, trainable, x, optimizer)
+        rule = stacking_regardless_of_constants() if name == "dora-stacked" else None
+        with rule or contextlib.nullcontext():
+            super().__init__(name, apply, frozen, trainable, x, optimizer, pattern)
         self.grad_fn = jax.jit(jax.value_and_grad(self.loss_fn))
+
+
+@contextlib.contextmanager
+def stacking_regardless_of_constants():
+    """The library's stacking rule before it told constants apart (``dora-stacked``):
+    stack ``[x; A^T] @ W0`` by shape alone, even when ``x`` and ``W0`` are constants."""
+
+    def rule(dense_like, x, lora_a, kernel):
+        if not dense_like or kernel.ndim != 2 or lora_a.ndim != 2:
+            return False
+        limit = ops.STACK_ROWS_PER_OUTPUT.get(jax.default_backend(), 0.0)
+        return x.dtype == kernel.dtype and math.prod(x.shape[:-1]) <= limit * kernel.shape[-1]
+
+    original = ops._stacking_pays
+    ops._stacking_pays = rule
+    try:
+        yield
+    finally:
+        ops._stacking_pays = original
 
 
 class Summary(NamedTuple):
@@ -287,16 +354,21 @@ class Summary(NamedTuple):
     cpu_ms: float
     cpu_ratio: float  # median CPU time over LoRA's
     temp_bytes: int
+    compile_s: float
+    paired_low: float  # lowest and highest per-round ratio: the spread of paired_ratio
+    paired_high: float
 
 
 def summarise(runner: Runner, lora: Runner | None) -> Summary:
     median = statistics.median
     paired = cpu_ratio = float("nan")
+    per_round = [paired]
     if lora is not None:
-        paired = median(
+        per_round = [
             median(w for w, _ in mine) / median(w for w, _ in base)
             for mine, base in zip(runner.rounds, lora.rounds, strict=True)
-        )
+        ]
+        paired = median(per_round)
         cpu_ratio = median(runner.cpu()) / median(lora.cpu())
     return Summary(
         median_ms=1e3 * median(runner.wall()),
@@ -305,6 +377,9 @@ def summarise(runner: Runner, lora: Runner | None) -> Summary:
         cpu_ms=1e3 * median(runner.cpu()),
         cpu_ratio=cpu_ratio,
         temp_bytes=runner.temp_bytes,
+        compile_s=getattr(runner, "compile_s", float("nan")),
+        paired_low=min(per_round),
+        paired_high=max(per_round),
     )
 
 
@@ -329,22 +404,34 @@ def check_against_reference(runners: dict[str, Runner]) -> str:
     return f"gradients match the materialised reference (max rel. err {worst:.1e})"
 
 
-def measure_shape(width, layers, tokens, variants, repeats, steps_per_round, check, dtype):
+def measure_shape(
+    width, layers, tokens, variants, repeats, steps_per_round, check, dtype, patterns=("argument",)
+):
+    """``{pattern: {variant: Summary}}``: every (pattern, variant) step timed in the same
+    interleaved rounds; ratios against the LoRA step of the same pattern."""
     x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32).astype(dtype)
     optimizer = optax.adamw(1e-3)
-    runners = {name: Runner(name, width, layers, x, optimizer) for name in variants}
-    compile_note = ", ".join(f"{n} {r.compile_s:.1f}s" for n, r in runners.items())
-    print(f"  compiled: {compile_note}", flush=True)
-    if check:
-        print(f"  check: {check_against_reference(runners)}", flush=True)
-    for runner in runners.values():
+    runners = {
+        pattern: {name: Runner(name, width, layers, x, optimizer, pattern) for name in variants}
+        for pattern in patterns
+    }
+    for pattern, group in runners.items():
+        label = "" if len(runners) == 1 else f" ({pattern})"
+        compile_note = ", ".join(f"{n} {r.compile_s:.1f}s" for n, r in group.items())
+        print(f"  compiled{label}: {compile_note}", flush=True)
+        if check:
+            print(f"  check{label}: {check_against_reference(group)}", flush=True)
+    order = [runner for group in runners.values() for runner in group.values()]
+    for runner in order:
         runner.run(2, record=False)
-    order = list(runners.values())
     for round_index in range(repeats):
         shift = round_index % len(order)
         for runner in order[shift:] + order[:shift]:
             runner.run(steps_per_round)
-    return {name: summarise(r, runners.get("lora")) for name, r in runners.items()}
+    return {
+        pattern: {name: summarise(r, group.get("lora")) for name, r in group.items()}
+        for pattern, group in runners.items()
+    }
 
 
 def stack_floor(layers: int, tokens: int) -> float:
@@ -410,6 +497,34 @@ def build_spread_table(results):
     return "\n".join(lines)
 
 
+def build_pattern_table(results, variants):
+    """One row per shape and pattern: each variant's median ms, its paired ratio to the
+    LoRA step of that pattern (lowest-highest round in brackets) and compile seconds."""
+    patterns = list(results[0][1])
+    others = [v for v in variants if v != "lora"]
+    head = ["width", "layers", "tokens", "pattern", "LoRA ms", "LoRA compile s"]
+    if "argument" in patterns and len(patterns) > 1:
+        head.append("LoRA / argument LoRA")
+    for name in others:
+        head += [f"{name} ms", f"{name}/LoRA (spread)", f"{name} compile s"]
+    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    for (width, layers, tokens), by_pattern in results:
+        for pattern, runs in by_pattern.items():
+            lora = runs.get("lora")
+            row = [str(width), str(layers), str(tokens), pattern]
+            row += [f"{lora.median_ms:.1f}", f"{lora.compile_s:.1f}"] if lora else ["-", "-"]
+            if "argument" in patterns and len(patterns) > 1:
+                ref = by_pattern["argument"].get("lora")
+                ok = lora is not None and ref is not None
+                row.append(f"{lora.median_ms / ref.median_ms:.2f}" if ok else "-")
+            for name in others:
+                run = runs[name]
+                ratio = f"{run.paired_ratio:.2f} ({run.paired_low:.2f}-{run.paired_high:.2f})"
+                row += [f"{run.median_ms:.1f}", ratio if lora else "-", f"{run.compile_s:.1f}"]
+            lines.append(fmt_row(row))
+    return "\n".join(lines)
+
+
 def parse_shapes(text: str):
     shapes = []
     for item in text.split(","):
@@ -446,6 +561,13 @@ def main(argv=None) -> None:
         default=",".join(MAIN_VARIANTS),
         help=f"comma-separated, from {', '.join(MAIN_VARIANTS + EXTRA_VARIANTS)}",
     )
+    parser.add_argument(
+        "--patterns",
+        default="argument",
+        help="comma-separated, from "
+        + "; ".join(f"{k}: {v}" for k, v in PATTERNS.items())
+        + " (default: %(default)s)",
+    )
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument(
         "--no-check", action="store_true", help="skip the gradient check against the reference"
@@ -462,6 +584,9 @@ def main(argv=None) -> None:
     unknown = set(variants) - set(MAIN_VARIANTS + EXTRA_VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    if not patterns or set(patterns) - set(PATTERNS):
+        parser.error(f"--patterns takes {', '.join(PATTERNS)}; got {args.patterns!r}")
     if args.dtype == "bfloat16":
         if set(variants) - {"lora", "dora", "materialised"}:
             parser.error("--dtype bfloat16 times the variants lora and dora only")
@@ -475,7 +600,7 @@ def main(argv=None) -> None:
     )
     print(
         f"rank {RANK}, {args.dtype}, AdamW, {args.repeats} rounds x {args.steps} steps per "
-        f"variant, variants: {', '.join(variants)}",
+        f"variant, variants: {', '.join(variants)}, patterns: {', '.join(patterns)}",
         flush=True,
     )
     print(f"load average at start: {load_average()}", flush=True)
@@ -484,23 +609,35 @@ def main(argv=None) -> None:
     for width, layers, tokens in args.shapes:
         print(f"shape width={width} layers={layers} tokens={tokens}", flush=True)
         check = not args.no_check and args.dtype == "float32"
-        runs = measure_shape(
-            width, layers, tokens, variants, args.repeats, args.steps, check, args.dtype
+        by_pattern = measure_shape(
+            width, layers, tokens, variants, args.repeats, args.steps, check, args.dtype, patterns
         )
-        summary = ", ".join(f"{n} {r.median_ms:.1f} ms" for n, r in runs.items())
-        print(f"  median: {summary}", flush=True)
-        results.append(((width, layers, tokens), runs))
-    table = build_table(results, variants)
-    spread = build_spread_table(results)
+        for pattern, runs in by_pattern.items():
+            label = "" if len(patterns) == 1 else f" ({pattern})"
+            summary = ", ".join(f"{n} {r.median_ms:.1f} ms" for n, r in runs.items())
+            print(f"  median{label}: {summary}", flush=True)
+        results.append(((width, layers, tokens), by_pattern))
     print(f"\nload average at end: {load_average()}")
-    print("\nStep time (median wall ms) and XLA temp memory:\n")
-    print(table)
-    print("\nSpread and contention-robust ratios (ratios against LoRA):\n")
-    print(spread)
+    out = []
+    for pattern in patterns:
+        per_pattern = [(shape, by_pattern[pattern]) for shape, by_pattern in results]
+        label = "" if len(patterns) == 1 else f"{pattern} ({PATTERNS[pattern]}): "
+        table = build_table(per_pattern, variants)
+        spread = build_spread_table(per_pattern)
+        print(f"\n{label}Step time (median wall ms) and XLA temp memory:\n")
+        print(table)
+        print(f"\n{label}Spread and contention-robust ratios (ratios against LoRA):\n")
+        print(spread)
+        out += [table, spread]
+    if len(patterns) > 1 and "lora" in variants:
+        table = build_pattern_table(results, variants)
+        print("\nPatterns side by side (paired ratios against the same pattern's LoRA):\n")
+        print(table)
+        out.append(table)
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(table + "\n\n" + spread + "\n")
+            f.write("\n\n".join(out) + "\n")
 
 
 def load_average() -> str:

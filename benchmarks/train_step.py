@@ -79,6 +79,8 @@ def build(variant: str, model: Classifier, params, batch, rank: int):
         )
         wrapped = dora_jax.linen.wrap(model, config)
         variables = wrapped.init_from_params(jax.random.key(1), params, *inputs(batch))
+        # The cached ||W0||_c^2 (only DoRA layers have one), made from the final params.
+        variables = dora_jax.linen.cache_base_norms(wrapped, variables, *inputs(batch))
         trainable, frozen = train.partition(variables, config)
         forward = train.linen_forward(wrapped, inputs)
     step = train.jit_step(train.make_train_step(forward, cross_entropy, optimizer))

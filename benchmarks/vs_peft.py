@@ -72,6 +72,7 @@ from step_time import (  # shared with the other benchmarks (same folder)
     make_step,
 )
 
+import dora_jax
 from dora_jax import ops
 
 SHAPES = ((1024, 4, 512), (2048, 4, 256), (4096, 2, 128))
@@ -192,7 +193,14 @@ def jax_variables(model: MLP, weights: Weights, x: jax.Array) -> dict:
     variables = {"params": params, "dora": dora}
     if model.use_dora:
         variables["dora_cache"] = cache
-    expected = jax.eval_shape(model.init, jax.random.key(0), x)
+
+    def init(key):  # with the ||W0||_c^2 cache, which init alone does not make
+        variables = model.init(key, x)
+        if model.use_dora:
+            variables = dora_jax.linen.cache_base_norms(model, variables, x)
+        return variables
+
+    expected = jax.eval_shape(init, jax.random.key(0))
     got = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), variables)
     if jax.tree.structure(got) != jax.tree.structure(expected) or jax.tree.leaves(
         got
