@@ -154,7 +154,7 @@ def test_round_trip_and_errors(tmp_path):
     reloaded = dora_peft.load_config(tmp_path)
     assert reloaded.rank_pattern == {"fc1": 3} and reloaded.alpha_pattern == {"conv": 6.0}
 
-    _, fewer = _flax_side(net, _config(targets=["fc1"]))
+    _, fewer = _flax_side(net, _config(targets=["fc1"], alpha_pattern={}))
     with pytest.raises(ValueError, match=r"modules the model has none for: \['conv', 'emb'\]"):
         dora_peft.load_pretrained(tmp_path, fewer, config)
     _, other_rank = _flax_side(net, _config(rank_pattern={}))
