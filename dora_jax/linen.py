@@ -24,7 +24,9 @@ through ``nn.intercept_methods``: no model code changes, and ``nn.scan`` / ``nn.
 models work because, inside the trace, adapters are ``params`` under reserved names
 (``dora_lora_a`` ...), which every lifted transform already carries. The wrapper's
 ``init`` and ``apply`` move them to and from the ``"dora"`` and ``"dora_cache"``
-collections, so users see the same collections as with the layers.
+collections, so users see the same collections as with the layers. The wrapper is not a
+module of its own: it runs the model's own ``init`` / ``apply`` (any ``method=``, names
+and functions alike) under the interceptor, so it takes no name from the model.
 
 The frozen linear map (padding, dilation, precision, dtype promotion) is Flax's own: a
 plain Flax layer runs on ``W0`` and on ``A``; the DoRA math is :mod:`dora_jax.ops`.
@@ -32,6 +34,7 @@ plain Flax layer runs on ``W0`` and on ``A``; the DoRA math is :mod:`dora_jax.op
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -813,74 +816,74 @@ def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, contex
     )
 
 
-class DoRAModel(nn.Module):
+@dataclasses.dataclass(frozen=True, eq=False)
+class DoRAModel:
     """An unmodified Linen model with DoRA on the layers a config selects.
 
-    Made by :func:`wrap`. ``init`` and ``apply`` take the model's own arguments;
-    variables hold ``"params"`` (exactly the model's), ``"dora"`` (trainable adapters,
-    nested like the params) and ``"dora_cache"`` (optional at apply). Adapter dropout
-    runs when ``apply`` is given a ``"dropout"`` rng.
+    Made by :func:`wrap`. ``init`` and ``apply`` take the model's own arguments (and
+    Flax's ``method=``, ``rngs=``, ``mutable=`` ...); variables hold ``"params"``
+    (exactly the model's), ``"dora"`` (trainable adapters, nested like the params) and,
+    only after :func:`cache_base_norms`, ``"dora_cache"``. Adapter dropout runs when
+    ``apply`` is given a ``"dropout"`` rng.
+
+    The wrapper is not a Linen module and has no scope of its own: ``init`` and ``apply``
+    are the model's own, run inside a method interceptor, so no name of the model is
+    taken (a submodule may be called ``model``, ``config`` or anything else).
     """
 
     model: nn.Module
     config: DoRAConfig
 
-    def setup(self):
-        nn.share_scope(self, self.model)  # the model's params keep their own paths
-
-    def __call__(self, *args, **kwargs):
-        return self.run("__call__", *args, **kwargs)
-
-    def run(self, method: str | Callable, *args, **kwargs):
-        """Run a method of the wrapped model (a name, or the unbound method) with DoRA."""
-        name = method if isinstance(method, str) else method.__name__
+    @contextlib.contextmanager
+    def _adapting(self):
+        """Adapt the targeted layers of every trace of the model run inside."""
         trace = _Trace()
         with nn.intercept_methods(functools.partial(_intercept, self.config, trace)):
-            out = getattr(self.model, name)(*args, **kwargs)
+            yield
         if trace.paths and not trace.adapted:
             self.config.check_matched(trace.paths, trace.adaptable)
-        return out
 
-    def init(self, rngs, *args, method=None, **kwargs):
+    def init(self, rngs, *args, method=None, **kwargs) -> dict[str, Any]:
         """``init`` of the model plus adapters; magnitudes from the fresh base weights.
 
-        ``method`` names a method of the wrapped model, as in Flax.
+        ``method`` is Flax's: a method name (``"encode"``), an unbound method
+        (``Model.encode``) or a function ``fn(module, *args)`` called with the model.
+        Returns ``params`` and ``dora``; no cache (see :func:`cache_base_norms`).
         """
-        return split_adapters(super().init(rngs, *args, method=_model_method(method), **kwargs))
+        with self._adapting():
+            variables = self.model.init(rngs, *args, method=method, **kwargs)
+        return split_adapters(variables)
 
-    def init_from_params(self, rngs, params: Mapping[str, Any], *args, **kwargs):
+    def init_from_params(
+        self, rngs, params: Mapping[str, Any], *args, method=None, **kwargs
+    ) -> dict[str, Any]:
         """Adapters for pretrained ``params``: magnitudes are computed from them.
 
         Base parameters absent from ``params`` (a new classification head, say) are
-        initialised as ``init`` would.
+        initialised as ``init`` would. ``method`` as in :meth:`init`. Returns ``params``
+        and ``dora``; no cache (see :func:`cache_base_norms`).
         """
         rngs = {"params": rngs} if not isinstance(rngs, Mapping) else rngs
-        method = _model_method(kwargs.pop("method", None))
-        _, variables = super().apply(
-            {"params": params}, *args, rngs=rngs, mutable=True, method=method, **kwargs
-        )
+        with self._adapting():
+            _, variables = self.model.apply(
+                {"params": params}, *args, rngs=rngs, mutable=True, method=method, **kwargs
+            )
         return split_adapters(variables)
 
     def apply(self, variables, *args, method=None, mutable=False, **kwargs):
         """``apply`` of the model with the adapters in ``variables["dora"]``.
 
-        ``method`` names a method of the wrapped model (``"encode"`` or
-        ``Model.encode``), as in Flax.
+        ``method`` as in :meth:`init`. Without ``variables["dora_cache"]``, each layer's
+        ``||W0||_c^2`` is computed from the ``params`` given.
         """
-        result = super().apply(
-            join_adapters(variables), *args, method=_model_method(method), mutable=mutable, **kwargs
-        )
+        with self._adapting():
+            result = self.model.apply(
+                join_adapters(variables), *args, method=method, mutable=mutable, **kwargs
+            )
         if mutable is False:
             return result
         out, updates = result
         return out, split_adapters(updates)
-
-
-def _model_method(method):
-    """A Flax ``method=`` argument of :class:`DoRAModel` running the wrapped model's one."""
-    if method is None:
-        return None
-    return lambda wrapper, *args, **kwargs: wrapper.run(method, *args, **kwargs)
 
 
 def wrap(model: nn.Module, config: DoRAConfig) -> DoRAModel:
@@ -896,6 +899,13 @@ def wrap(model: nn.Module, config: DoRAConfig) -> DoRAModel:
     """
     if not isinstance(config, DoRAConfig):
         raise TypeError(f"wrap needs a DoRAConfig; got {type(config).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap needs a flax.linen Module; got {type(model).__name__}.")
+    if model.scope is not None:
+        raise ValueError(
+            f"wrap needs an unbound {type(model).__name__} (as passed to init/apply); "
+            f"this one is bound to a scope."
+        )
     return DoRAModel(model=model, config=config)
 
 

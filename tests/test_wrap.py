@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import models
 import numpy as np
 import pytest
+import reference as ref
 
 import dora_jax
 from dora_jax import DoRAConfig
@@ -623,18 +624,96 @@ class _TwoStage(nn.Module):
         return self.head(jnp.tanh(self.encode(x)))
 
 
-@pytest.mark.parametrize("method", ["encode", _TwoStage.encode], ids=["name", "function"])
-def test_method_argument_runs_the_wrapped_models_method(method):
+def _encoder_forward(module, x):
+    """A function given as ``method=`` (as Hugging Face's T5 ``encode`` passes one)."""
+    return 2.0 * module.enc(x)
+
+
+def _merged_dense(params, dora, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A Dense layer's float64 merged kernel ``m * V' / ||V'||_c`` and its bias."""
+    kernel = ref.merged_weight(
+        params["kernel"], dora["lora_a"], dora["lora_b"], dora["magnitude"], scale
+    )
+    return kernel, ref.f64(params["bias"])
+
+
+@pytest.mark.parametrize(
+    "method, factor",
+    [("encode", 1.0), (_TwoStage.encode, 1.0), (_encoder_forward, 2.0)],
+    ids=["name", "unbound-method", "function"],
+)
+def test_method_argument_runs_the_wrapped_models_method(method, factor):
     model, x = _TwoStage(), jax.random.normal(models.key(0), (3, 4))
-    wrapped = dora_linen.wrap(model, DoRAConfig(targets=["enc"], rank=2))
+    wrapped = dora_linen.wrap(model, DoRAConfig(targets=["enc"], rank=2, alpha=4.0))
     variables = wrapped.init(models.key(1), x, method=method)
     assert set(variables["dora"]) == {"enc"}
+    assert set(variables["params"]) == {"enc"}  # only what the method touched
     variables["dora"] = jax.tree.map(lambda a: a + 0.3, variables["dora"])
     encoded = wrapped.apply(variables, x, method=method)
-    merged = dora_linen.merge_params(wrapped, variables, x, method=method)
-    expected = model.apply({"params": merged}, x, method="encode")
+    kernel, bias = _merged_dense(variables["params"]["enc"], variables["dora"]["enc"], 2.0)
     assert encoded.shape == (3, 8)
+    assert ref.relative_error(encoded, factor * (ref.f64(x) @ kernel + bias)) <= 1e-5
+    merged = dora_linen.merge_params(wrapped, variables, x, method=method)
+    expected = model.apply({"params": merged}, x, method=method)
     assert models.relative_error(encoded, expected) <= 1e-5
+
+
+class _Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="q")(x)
+
+
+class _CausalLmLike(nn.Module):
+    """Holds ``self.model`` as every Hugging Face Flax causal LM does."""
+
+    def setup(self):
+        self.model = _Inner()
+        self.lm_head = nn.Dense(3)
+
+    def __call__(self, x):
+        return self.lm_head(jnp.tanh(self.model(x)))
+
+
+# "model" and "config" are the wrapper's fields, the others its methods.
+_WRAPPER_NAMES = ("model", "config", "init", "apply", "init_from_params", "_adapting")
+
+
+class _NamedLikeTheWrapper(nn.Module):
+    """Compact submodules named like every field and method of the wrapper."""
+
+    @nn.compact
+    def __call__(self, x):
+        for name in _WRAPPER_NAMES:
+            x = jnp.tanh(nn.Dense(4, name=name)(x))
+        return x
+
+
+@pytest.mark.parametrize(
+    "model, order, tanh_last",
+    [
+        (_CausalLmLike(), ("model/q", "lm_head"), False),
+        (_NamedLikeTheWrapper(), _WRAPPER_NAMES, True),
+    ],
+    ids=["setup-self.model", "compact-wrapper-names"],
+)
+def test_wrap_reserves_no_name_of_the_model(model, order, tanh_last):
+    x = jax.random.normal(models.key(0), (2, 5))
+    wrapped = dora_linen.wrap(model, DoRAConfig(targets=list(order), rank=2, alpha=2.0))
+    variables = wrapped.init(models.key(1), x)
+    assert adapter_paths(variables["dora"]) == set(order)
+    base = model.apply({"params": variables["params"]}, x)
+    assert models.relative_error(wrapped.apply(variables, x), base) <= 1e-6
+    variables["dora"] = models.perturb(variables["dora"], seed=4)
+    h = ref.f64(x)
+    for index, path in enumerate(order):  # every layer adapted, tanh between them
+        kernel, bias = _merged_dense(
+            _get(variables["params"], path), _get(variables["dora"], path), 1.0
+        )
+        h = h @ kernel + bias
+        h = np.tanh(h) if tanh_last or index < len(order) - 1 else h
+    assert ref.relative_error(wrapped.apply(variables, x), h) <= 1e-5
+    assert models.relative_error(wrapped.apply(variables, x), base) > 1e-2
 
 
 def test_subclasses_of_flax_layers_are_not_taken_for_plain_layers():
