@@ -143,19 +143,29 @@ class DoRAConfig:
             return _similarity_to(self.targets, path)
         return max((_suffix_similarity(name, path) for name in self.targets), default=0.0)
 
-    def check_matched(self, paths: Iterable[str], adaptable: Iterable[str]) -> None:
+    def check_matched(
+        self,
+        paths: Iterable[str],
+        adaptable: Iterable[str],
+        *,
+        param_paths: Iterable[str] | None = None,
+    ) -> None:
         """Raise a ``ValueError`` for any setting that selects nothing in the model.
 
-        ``targets`` must select an adaptable layer; every ``exclude`` entry must match
-        a module (adaptable or not: excluding a module ``targets`` would wrongly select
-        is allowed); every ``rank_pattern`` and ``alpha_pattern``
-        key must match an adapted layer; every ``modules_to_save`` entry must name a
-        module. The message names the field and the entry and lists the closest
-        candidate paths, closest first, so a typo never silently does nothing.
+        ``targets`` must select an adaptable layer; every ``exclude`` entry must match a
+        module (adaptable or not: excluding a module that ``targets`` would wrongly
+        select is a use of it); every ``rank_pattern`` and ``alpha_pattern`` key must
+        match an adapted layer; every ``modules_to_save`` entry must match a module (one
+        holding parameters, when ``param_paths`` is given). The message names the field
+        and the entry and lists the closest candidate paths, closest first, so a typo
+        never silently does nothing.
 
         Args:
           paths: every module path of the model.
           adaptable: the paths of layers of a kind DoRA supports.
+          param_paths: optionally, the module paths that hold parameters directly; a
+            ``modules_to_save`` entry must then match one of them or an ancestor (what
+            :func:`dora_jax.train.partition` trains).
         """
         paths, adaptable = list(paths), list(adaptable)
         every = sorted(set(paths) | set(adaptable))
@@ -187,16 +197,14 @@ class DoRAConfig:
                         targeted,
                         suffix=True,
                     )
+        holders = every
+        if param_paths is not None:  # modules holding parameters and their ancestors
+            parts = [p.split("/") for p in param_paths]
+            holders = sorted({"/".join(p[:n]) for p in parts for n in range(1, len(p) + 1)})
         for entry in self.modules_to_save:
-            if not any(_matches((entry,), p) for p in every):
-                _unmatched(
-                    "modules_to_save",
-                    entry,
-                    "matches no module",
-                    "Module paths",
-                    every,
-                    suffix=True,
-                )
+            if not any(_matches((entry,), p) for p in holders):
+                problem = "matches no module" + (" with parameters" if holders is not every else "")
+                _unmatched("modules_to_save", entry, problem, "Module paths", holders, suffix=True)
 
 
 def _unmatched(field: str, entry: str, problem: str, what: str, candidates, *, suffix: bool):

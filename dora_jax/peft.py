@@ -197,7 +197,7 @@ def _check_field(file: Path, field: str, value: Any) -> None:
     rule = PEFT_FIELDS.get(field)
     if rule is None:
         # A field newer than this table: PEFT spells "off" as null or false.
-        if value in (None, False) or value == {} or value == []:
+        if value is None or value is False or value in ({}, []):
             return
         raise ValueError(
             f"{file}: unknown PEFT config field {field!r} = {value!r}; refused, since its "
@@ -269,6 +269,7 @@ def load_config(path: str | Path) -> DoRAConfig:
         targets = adapted
     rank_pattern, alpha_pattern = data.get("rank_pattern"), data.get("alpha_pattern")
     saved = data.get("modules_to_save") or []
+    saved = [saved] if isinstance(saved, str) else saved
     if keys is not None:
         rank_pattern = _used_keys(rank_pattern, adapted)
         alpha_pattern = _used_keys(alpha_pattern, adapted)

@@ -167,6 +167,23 @@ def test_modules_to_save_naming_no_module_lists_closest_module_paths():
     )
 
 
+def test_modules_to_save_naming_a_module_without_parameters_is_an_error():
+    """A dropout module exists but holds no parameter: nothing would be trained."""
+    paths = [*PATHS, "encoder/layer_0/dropout"]
+    config = dora_jax.DoRAConfig(targets=["query"], modules_to_save=["dropout"])
+    config.check_matched(paths, ADAPTABLE)  # a module, when parameter paths are not given
+    with pytest.raises(ValueError) as info:
+        config.check_matched(paths, ADAPTABLE, param_paths=ADAPTABLE)
+    assert str(info.value).startswith(
+        "DoRAConfig modules_to_save entry 'dropout' matches no module with parameters. "
+        "Module paths, closest first:\n"
+    )
+    assert "encoder/layer_0/dropout" not in str(info.value)
+    for ancestor in ("encoder", "attention", "layer_1"):  # their descendants hold parameters
+        config = dora_jax.DoRAConfig(targets=["query"], modules_to_save=[ancestor])
+        config.check_matched(paths, ADAPTABLE, param_paths=ADAPTABLE)
+
+
 def test_everything_matched_passes():
     config = dora_jax.DoRAConfig(
         targets=["query", "value"],

@@ -553,6 +553,7 @@ def test_base_weights_of_adapted_layers_must_equal_the_models(tmp_path):
         ("layer_replication", [[0, 1]], r"layer_replication=\[\[0, 1\]\] is not supported"),
         ("use_qalora", True, r"use_qalora=True is not supported"),
         ("brand_new_option", 3, r"unknown PEFT config field 'brand_new_option' = 3; refused"),
+        ("brand_new_option", 0, r"unknown PEFT config field 'brand_new_option' = 0; refused"),
         ("r", ..., r"the required field 'r' is missing"),
         ("lora_alpha", ..., r"the required field 'lora_alpha' is missing"),
         ("r", "8", r"DoRAConfig: rank must be an integer >= 1; got '8' \(str\)"),
