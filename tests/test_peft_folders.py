@@ -593,3 +593,73 @@ def test_refused_field_is_refused_with_an_explicit_config_too(tmp_path):
     config, variables = _dora_folder(tmp_path)
     _edit_config(tmp_path, fan_in_fan_out=True)
     _refused(tmp_path, config, variables, r"fan_in_fan_out=True is not supported")
+
+
+# --------------------------------------------------- a HuggingFace model's folders
+
+
+def _example_bert(monkeypatch):
+    """``examples/bert.py`` (the plain Flax BERT with HuggingFace's parameter names)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    file = Path(__file__).resolve().parents[1] / "examples" / "bert.py"
+    spec = importlib.util.spec_from_file_location("example_bert", file)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        dict(target_modules=["query", "value"], bias="all"),
+        dict(
+            target_modules=["query", "value", "dense"],
+            exclude_modules=["output.dense"],
+            layers_to_transform=[0, 2],
+            bias="lora_only",
+        ),
+    ],
+    ids=["bias_all", "exclude_layers_lora_only"],
+)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_huggingface_bert_folder_loads_into_the_flax_bert(tmp_path, monkeypatch, selection):
+    """A transformers ``BertModel``'s PEFT folder into ``examples/bert.py``, whose paths
+    are HuggingFace's (``encoder/layer_0/attention/self/query``)."""
+    transformers = pytest.importorskip("transformers")
+    bert = _example_bert(monkeypatch)
+    sizes = dict(vocab_size=50, hidden_size=16, num_heads=2, intermediate_size=32)
+    hf = transformers.BertConfig(
+        num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=16,
+        **{k: v for k, v in sizes.items() if k != "num_heads"},
+    )  # fmt: skip
+    config = bert.BertConfig(num_layers=3, max_position=16, **sizes)
+    torch.manual_seed(0)
+    net = transformers.BertModel(hf, add_pooling_layer=False).eval()
+    params: dict = {}
+    for key, value in net.state_dict().items():
+        if key.endswith(("weight", "bias")):
+            *module, leaf = bert._flax_path(key.split("."))
+            node = params
+            for name in module:
+                node = node.setdefault(name, {})
+            node[leaf] = bert._flax_value(module, leaf, value.numpy())
+    ids = np.random.default_rng(0).integers(0, 50, (2, 7))
+    model = peft.get_peft_model(
+        net, peft.LoraConfig(r=2, lora_alpha=4, use_dora=True, init_lora_weights=False, **selection)
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "magnitude" in name or name.endswith("bias"):
+                param.add_(0.2 * torch.randn_like(param))
+        expected = model.get_base_model()(torch.as_tensor(ids)).last_hidden_state.numpy()
+    model.save_pretrained(tmp_path)
+    mask = np.ones_like(ids)
+    dora_config = dora_peft.load_config(tmp_path)
+    wrapped = dora_jax.linen.wrap(bert.Bert(config), dora_config)
+    variables = wrapped.init_from_params(jax.random.key(0), params, ids, mask)
+    got = wrapped.apply(dora_peft.load_pretrained(tmp_path, variables, dora_config), ids, mask)
+    assert _rel(got, expected) <= 1e-5
