@@ -545,8 +545,9 @@ def fit(
             if evaluate is not None and eval_every and step_index % eval_every == 0:
                 record.update({f"eval_{k}": float(v) for k, v in evaluate(state).items()})
                 if progress:
-                    shown = {k: round(v, 4) for k, v in record.items() if k != "time"}
-                    tqdm.write(" ".join(f"{k} {v}" for k, v in shown.items()))
+                    # 4 significant digits: a learning rate of 5e-05 must not read 0.0
+                    shown = [f"{k} {v:.4g}" for k, v in record.items() if k != "time"]
+                    tqdm.write(" ".join(shown))
             if log is not None:
                 log.write(_json_line(record) + "\n")
                 log.flush()

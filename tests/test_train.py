@@ -514,3 +514,14 @@ def test_fit_resumes_from_checkpoints_where_the_data_left_off(tmp_path):
         progress=False,
     )
     assert _max_rel(again.trainable, uninterrupted.trainable) > 1e-4
+
+
+def test_fit_prints_small_learning_rates_readably(capsys):
+    _, wrapped, config, params, variables, batch = _problem()
+    trainable, frozen = train.partition(variables, config)
+    optimizer = train.adamw(5e-5)
+    step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
+    state = train.init_state(trainable, optimizer)
+    train.fit(step, state, frozen, [batch], num_steps=1, evaluate=lambda s: {}, eval_every=1)
+    printed = capsys.readouterr().out
+    assert "step 1 " in printed and "learning_rate 5e-05" in printed
