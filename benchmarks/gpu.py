@@ -49,7 +49,7 @@ Flop counts (matmuls only; elementwise work and the gain are ignored), per step,
     DoRA step  LoRA + 2*r*in*out                               A^T @ W0 (the norm)
              + 2*r*r*(in+out)                                  A^T A and (A^T A) @ B
 
-so the DoRA/LoRA flop ratio is DESIGN.md section 3's floor ``1 + r/(2N)`` up to the
+so the DoRA/LoRA flop ratio is docs/design.md section 3's floor ``1 + r/(2N)`` up to the
 rank-r terms (``flop ratio`` column). Memory is XLA's
 ``jitted.lower(...).compile().memory_analysis()``: temp (scratch) and argument bytes.
 """
@@ -528,7 +528,7 @@ def main(argv=None) -> int:
     summary = build_summary(results, cfg.tokens)
     print(f"\nbfloat16, {cfg.tokens} tokens; medians per call (ms):\n")
     print(table)
-    print("\nDoRA against LoRA (floor from DESIGN.md section 3; all checks passed):\n")
+    print("\nDoRA against LoRA (floor from docs/design.md section 3; all checks passed):\n")
     print(summary)
     peaks = build_peak_table(results, cfg.tokens)
     print("\nPeak live memory of the steps (XLA's live-range analysis, arguments excluded):\n")

@@ -58,7 +58,7 @@ SWEEPS = {
 }
 
 COST_MODEL = """\
-Cost model (DESIGN.md section 3). Per layer with a D x D kernel and N tokens, LoRA's big
+Cost model (docs/design.md section 3). Per layer with a D x D kernel and N tokens, LoRA's big
 products are the forward x @ W0 (2*N*D*D flops) and, for every layer but the first (whose
 input needs no gradient), the input gradient dy @ W0^T (the same); the frozen kernel gets
 no weight gradient. Exact DoRA adds one A^T @ W0 per layer (2*r*D*D) for the column norm,

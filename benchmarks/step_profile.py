@@ -4,9 +4,12 @@ Run: ``python benchmarks/step_profile.py`` (about a minute on a 2-core CPU).
 
 For one stack of ``benchmarks/step_time.py`` and each of its ``--patterns`` (the frozen
 variables as arguments of the jitted step, closed over, or closed over with the batch),
-compiles the training step of each variant, runs it under ``jax.profiler`` and sums the
-time of every operation of the compiled program (XLA's CPU runtime records one event per
-operation, named after the HLO instruction). Operations are sorted into:
+compiles the training step of each variant, runs them all in interleaved rounds under
+``jax.profiler`` and sums the time of every operation of the compiled programs (XLA's CPU
+runtime records one event per operation, named after the HLO instruction). A plain
+``dot`` (not one of the ``ynn_fusion`` products) runs on XLA's Eigen thread pool after its
+event closes, so its time is not in the sums; the last table times the products alone
+instead. Operations are sorted into:
 
 * ``W0 ops``: those reading a frozen kernel ``(in, out)`` (an argument or, when closed
   over, a constant of the program): ``x @ W0``, ``dy @ W0^T``, ``A^T W0``, the stacked
@@ -26,11 +29,14 @@ direction (forward or backward) from the operation's metadata.
 from __future__ import annotations
 
 import argparse
+import bisect
+import functools
 import glob
 import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -40,7 +46,14 @@ import optax
 # The repository's own package, also when it is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_time import PATTERNS, Runner, fmt_row, load_average, parse_shapes  # noqa: E402
+from step_time import (  # noqa: E402  (shared, same folder)
+    PATTERNS,
+    RANK,
+    Runner,
+    fmt_row,
+    load_average,
+    parse_shapes,
+)
 
 INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (\S+) (\S+?)\((.*?)\)(?:,|$)")
 OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -74,28 +87,54 @@ def where(info: dict) -> str:
     return f"{layer.group(0) if layer else '-'} {direction}"
 
 
-def profile_step(runner: Runner, steps: int) -> dict[str, float]:
-    """Mean seconds per step of each HLO operation of ``runner``'s compiled step."""
+def profile_interleaved(runners: list[Runner], rounds: int, steps: int) -> list[list[dict]]:
+    """Per runner, per round: ``{HLO operation: seconds per step}``.
+
+    All runners run in the same trace, in interleaved rounds (rotating order), each
+    round's steps inside a ``TraceAnnotation``; an operation event belongs to the
+    annotation its start falls in.
+    """
     from jax.profiler import ProfileData
 
-    runner.run(2, record=False)
+    for runner in runners:
+        runner.run(2, record=False)
+    spans: list[tuple[int, int]] = []  # (runner index, round) in annotation order
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
-            runner.run(steps, record=False)
+            for round_index in range(rounds):
+                shift = round_index % len(runners)
+                for index in list(range(len(runners)))[shift:] + list(range(shift)):
+                    with jax.profiler.TraceAnnotation(f"step_profile/{len(spans)}"):
+                        runners[index].run(steps)
+                    spans.append((index, round_index))
         (path,) = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
         data = ProfileData.from_file(path)
-    totals: dict[str, float] = {}
+    windows, events = [], []
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events:
+                if event.name.startswith("step_profile/"):
+                    windows.append((event.start_ns, event.end_ns, int(event.name.split("/")[1])))
+                    continue
                 stats = dict(event.stats)
                 if stats.get("hlo_module") == "jit_step" and "hlo_op" in stats:
-                    op = stats["hlo_op"]
-                    totals[op] = totals.get(op, 0.0) + event.duration_ns * 1e-9 / steps
-    return totals
+                    events.append((event.start_ns, stats["hlo_op"], event.duration_ns))
+    windows.sort()
+    times = [[{} for _ in range(rounds)] for _ in runners]
+    starts = [w[0] for w in windows]
+    for start, op, duration in events:
+        i = bisect.bisect_right(starts, start) - 1
+        if i < 0 or start > windows[i][1]:
+            continue
+        index, round_index = spans[windows[i][2]]
+        per_op = times[index][round_index]
+        per_op[op] = per_op.get(op, 0.0) + duration * 1e-9 / steps
+    return times
 
 
-def analyse(runner: Runner, steps: int, width: int, tokens: int) -> dict:
+def analyse(runner: Runner, rounds: list[dict], width: int, tokens: int) -> dict:
+    """Facts of ``runner``'s compiled program and its time per step by kind of operation
+    (medians over rounds)."""
     hlo = runner.compiled.as_text()
     ops = entry_instructions(hlo)
     kernel_shape = f"{jnp.dtype(runner.x.dtype).name.replace('float', 'f')}[{width},{width}]"
@@ -103,7 +142,6 @@ def analyse(runner: Runner, steps: int, width: int, tokens: int) -> dict:
     def reads_kernel(info):
         return any(ops.get(o, {}).get("shape") == kernel_shape for o in info["operands"])
 
-    times = profile_step(runner, steps)
     kernel_ops = {n: i for n, i in ops.items() if i["opcode"] != "parameter" and reads_kernel(i)}
     products = {
         n
@@ -119,19 +157,52 @@ def analyse(runner: Runner, steps: int, width: int, tokens: int) -> dict:
         for i in ops.values()
         if i["opcode"] == "constant" and i["op_name"] and i["shape"].endswith(computed)
     ]
-    total = sum(times.values())
-    w0 = sum(times.get(n, 0.0) for n in kernel_ops)
-    other_products = sum(times.get(n, 0.0) for n in products)
+
+    def median_ms(names) -> float:
+        return 1e3 * statistics.median(sum(r.get(n, 0.0) for n in names) for r in rounds)
+
     return {
-        "kernel_ops": [(n, i["shape"], where(i), times.get(n, 0.0)) for n, i in kernel_ops.items()],
-        "w0_ms": 1e3 * w0,
-        "products_ms": 1e3 * other_products,
-        "other_ms": 1e3 * (total - w0 - other_products),
-        "total_ms": 1e3 * total,
+        "kernel_ops": [
+            (n, i["shape"], where(i), i["opcode"], median_ms([n])) for n, i in kernel_ops.items()
+        ],
+        "w0_ms": median_ms(kernel_ops),
+        "products_ms": median_ms(products),
+        "total_ms": median_ms({op for r in rounds for op in r}),
+        "wall_ms": 1e3 * statistics.median(runner.wall()),
         "concatenate": "concatenate" in hlo,
         "folded": folded,
-        "wall_ms": 1e3 * statistics.median(runner.wall()) if runner.rounds else float("nan"),
     }
+
+
+def product_times(width: int, tokens: int, rounds: int) -> dict[str, float]:
+    """Median ms of the kernel products alone, with ``W0`` an argument or a constant."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    w0 = jax.random.normal(keys[0], (width, width))
+    x = jax.random.normal(keys[1], (tokens, width))
+    a = jax.random.normal(keys[2], (width, RANK))
+    a_t_w = functools.partial(jnp.einsum, "ir,io->ro")
+    cases = {
+        "x @ W0, W0 an argument": (jax.jit(lambda x, w: x @ w), (x, w0)),
+        "x @ W0, W0 a constant": (jax.jit(lambda x: x @ w0), (x,)),
+        "A^T W0, W0 an argument": (jax.jit(a_t_w), (a, w0)),
+        "A^T W0, W0 a constant": (jax.jit(lambda a: a_t_w(a, w0)), (a,)),
+        "[x; A^T] @ W0, W0 an argument": (
+            jax.jit(lambda x, a, w: jnp.concatenate([x, a.T]) @ w),
+            (x, a, w0),
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn, args in cases.values():
+        fn(*args).block_until_ready()
+    for round_index in range(rounds):
+        names = list(cases)
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, args = cases[name]
+            start = time.perf_counter()
+            fn(*args).block_until_ready()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> None:
@@ -153,7 +224,10 @@ def main(argv=None) -> None:
         help="step_time.py variants (default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=int, default=10, help="profiled steps per variant (default: 10)"
+        "--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=2, help="steps per variant per round (default: %(default)s)"
     )
     args = parser.parse_args(argv)
     ((width, layers, tokens),) = args.shape
@@ -163,34 +237,41 @@ def main(argv=None) -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, stack {width}x{layers}x"
-        f"{tokens}, {args.steps} profiled steps, load average {load_average()}",
+        f"{tokens}, {args.rounds} rounds x {args.steps} steps, load average {load_average()}",
         flush=True,
     )
     x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
-    results = {}
-    for pattern in patterns:
-        for name in variants:
-            runner = Runner(name, width, layers, x, optax.adamw(1e-3), pattern)
-            results[pattern, name] = analyse(runner, args.steps, width, tokens)
-            del runner
-    head = ["pattern", "variant", "ops reading a W0", "W0 ops ms", "other products ms"]
-    head += ["other ms", "sum of ops ms", "[x; A^T] stacked", "folded constants"]
-    print("\nTime per step by kind of operation (jax.profiler, summed per operation):\n")
+    keys = [(pattern, name) for pattern in patterns for name in variants]
+    runners = [Runner(name, width, layers, x, optax.adamw(1e-3), p) for p, name in keys]
+    times = profile_interleaved(runners, args.rounds, args.steps)
+    results = {
+        key: analyse(runner, rounds, width, tokens)
+        for key, runner, rounds in zip(keys, runners, times, strict=True)
+    }
+    head = ["pattern", "variant", "step ms (wall)", "sum of ops ms", "ops reading a W0"]
+    head += ["their ms", "other products ms", "[x; A^T] stacked", "computed constants"]
+    print("\nTime per step (medians over rounds; operations as jax.profiler times them):\n")
     print(fmt_row(head))
     print(fmt_row(["---"] * len(head)))
     for (pattern, name), r in results.items():
-        folded = ", ".join(r["folded"]) or "none"
-        row = [pattern, name, str(len(r["kernel_ops"])), f"{r['w0_ms']:.1f}"]
-        row += [f"{r['products_ms']:.1f}", f"{r['other_ms']:.1f}", f"{r['total_ms']:.1f}"]
-        row += ["yes" if r["concatenate"] else "no", folded]
+        row = [pattern, name, f"{r['wall_ms']:.1f}", f"{r['total_ms']:.1f}"]
+        row += [str(len(r["kernel_ops"])), f"{r['w0_ms']:.1f}", f"{r['products_ms']:.1f}"]
+        row += ["yes" if r["concatenate"] else "no", ", ".join(r["folded"]) or "none"]
         print(fmt_row(row))
     head = ["pattern", "variant", "operation", "result", "where", "ms per step"]
     print("\nOperations reading a frozen kernel:\n")
     print(fmt_row(head))
     print(fmt_row(["---"] * len(head)))
     for (pattern, name), r in results.items():
-        for op, shape, place, seconds in sorted(r["kernel_ops"], key=lambda k: k[2]):
-            print(fmt_row([pattern, name, op, shape, place, f"{1e3 * seconds:.1f}"]))
+        for op, shape, place, opcode, ms in sorted(r["kernel_ops"], key=lambda k: k[2]):
+            # XLA's CPU runtime runs a plain dot on its Eigen pool after the event closes.
+            timed = f"{ms:.1f}" if opcode != "dot" else "(not timed: asynchronous dot)"
+            print(fmt_row([pattern, name, op, shape, place, timed]))
+    print(f"\nThe kernel products alone ({width}x{width} kernel, {tokens} tokens, rank {RANK}):\n")
+    print(fmt_row(["product", "median ms"]))
+    print(fmt_row(["---"] * 2))
+    for name, ms in product_times(width, tokens, args.rounds * args.steps).items():
+        print(fmt_row([name, f"{ms:.1f}"]))
     print(f"\nload average at end: {load_average()}")
 
 

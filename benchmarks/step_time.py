@@ -16,7 +16,7 @@ state and the optimizer state. Variants:
   what a direct port of PEFT does.
 
 Prototypes, only with ``--variants`` (not library code, kept to measure ideas from
-DESIGN.md section 3 before anyone changes the library):
+docs/design.md section 3 before anyone changes the library):
 
 * ``dora-nocache``: the library layer without the ``"dora_cache"`` collection, so
   ``||W0||_c^2`` is recomputed every step;
@@ -434,14 +434,19 @@ def measure_shape(
     }
 
 
-def stack_floor(layers: int, tokens: int) -> float:
-    """DESIGN.md's floor counted for this stack: the first layer needs no input gradient.
+def stack_floor(layers: int, tokens: int, pattern: str = "argument") -> float:
+    """The floor of docs/design.md section 3 counted for this stack: the first layer
+    needs no input gradient.
 
     LoRA's big products are ``layers`` forward and ``layers - 1`` input-gradient
     ``N x D x D`` products; exact DoRA adds ``layers`` products ``r x D x D``.
-    ``1 + r/(2N)`` is the limit for many layers.
+    ``1 + r/(2N)`` is the limit for many layers. With the batch and the frozen variables
+    closed over (``closure-batch``), XLA computes the first layer's ``x @ W0`` at compile
+    time, so LoRA has one forward product fewer (and none at all with one layer), while
+    DoRA still needs that layer's ``A^T W0``.
     """
-    return 1 + layers * RANK / ((2 * layers - 1) * tokens)
+    big = 2 * layers - 1 - (pattern == "closure-batch")
+    return 1 + layers * RANK / (big * tokens) if big else float("inf")
 
 
 def fmt_row(cells):
@@ -507,6 +512,7 @@ def build_pattern_table(results, variants):
         head.append("LoRA / argument LoRA")
     for name in others:
         head += [f"{name} ms", f"{name}/LoRA (spread)", f"{name} compile s"]
+    head.append("stack floor")
     lines = [fmt_row(head), fmt_row(["---"] * len(head))]
     for (width, layers, tokens), by_pattern in results:
         for pattern, runs in by_pattern.items():
@@ -521,6 +527,7 @@ def build_pattern_table(results, variants):
                 run = runs[name]
                 ratio = f"{run.paired_ratio:.2f} ({run.paired_low:.2f}-{run.paired_high:.2f})"
                 row += [f"{run.median_ms:.1f}", ratio if lora else "-", f"{run.compile_s:.1f}"]
+            row.append(f"{stack_floor(layers, tokens, pattern):.3f}")
             lines.append(fmt_row(row))
     return "\n".join(lines)
 
