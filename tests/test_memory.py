@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
@@ -32,3 +33,23 @@ def test_peak_memory_is_lora_plus_one_activation_per_layer():
         assert 0 <= int(peak_excess) <= 2 * int(layers) * int(width) * 4 + 64, run.stdout
         assert float(per_layer) <= 2.01
         assert 1.0 <= float(activations) <= 1.05
+
+
+def test_benchmark_steps_get_the_norm_cache_of_their_own_params():
+    """``init`` makes no ``dora_cache``: the benchmarks' DoRA steps (memory.py and
+    step_time.py share them) must be given ``||W0||_c^2`` of the params they train on,
+    or they would time and size a step that squares ``W0`` every time."""
+    sys.path[:0] = [str(SCRIPT.parents[1]), str(SCRIPT.parent)]
+    try:
+        import step_time
+    finally:
+        del sys.path[:2]
+    x = jnp.ones((4, 32))
+    _, frozen, _ = step_time.make_variant("dora", 32, 2, x)
+    for name, layer in frozen["params"].items():
+        want = jnp.sum(jnp.square(layer["kernel"]), axis=0)
+        got = frozen["dora_cache"][name]["base_norm_sq"]
+        assert jnp.allclose(got, want, rtol=1e-6), name
+    for name in ("lora", "dora-nocache"):
+        _, frozen, _ = step_time.make_variant(name, 32, 2, x)
+        assert "dora_cache" not in frozen, name

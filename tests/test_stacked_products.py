@@ -138,7 +138,10 @@ def test_closed_over_input_and_kernel_are_not_stacked(
 
     args = ([] if kernel_closed else [params]) + ([] if x_closed else [x])
     assert _uses_stacked_product(loss, dora, *args) is stacked
-    value, grads = jax.jit(jax.value_and_grad(loss))(dora, *args)
+    step = jax.jit(jax.value_and_grad(loss))
+    # Unstacked with both constants: XLA computed x @ W0 when compiling, no [x; A^T] left.
+    assert ("concatenate" in step.lower(dora, *args).compile().as_text()) is stacked
+    value, grads = step(dora, *args)
 
     def plain_loss(dora, params, x):
         return jnp.sum(layer.apply({"params": params, "dora": dora}, x) * cotangent)
