@@ -716,6 +716,17 @@ def test_wrap_reserves_no_name_of_the_model(model, order, tanh_last):
     assert models.relative_error(wrapped.apply(variables, x), base) > 1e-2
 
 
+def test_wrap_refuses_what_it_cannot_run():
+    config = DoRAConfig(targets=["q"])
+    with pytest.raises(TypeError, match="wrap needs a flax.linen Module; got dict"):
+        dora_linen.wrap({"q": 1}, config)
+    with pytest.raises(TypeError, match="wrap needs a DoRAConfig; got dict"):
+        dora_linen.wrap(_Inner(), {"targets": ["q"]})
+    bound = _Inner().bind({"params": {"q": {"kernel": jnp.ones((2, 4)), "bias": jnp.ones(4)}}})
+    with pytest.raises(ValueError, match="unbound _Inner .* bound to a scope"):
+        dora_linen.wrap(bound, config)
+
+
 def test_subclasses_of_flax_layers_are_not_taken_for_plain_layers():
     class Custom(nn.Dense):
         pass
