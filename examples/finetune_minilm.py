@@ -286,7 +286,9 @@ def main(argv=None) -> dict:
         checkpoints = None
         if out is not None:
             checkpoints = stack.enter_context(
-                AdapterCheckpoints(out / "checkpoints", keep=2, config=dora_config)
+                AdapterCheckpoints(
+                    out / "checkpoints", keep=2, config=dora_config, base=frozen or None
+                )
             )
             if args.resume:
                 latest = checkpoints.latest_step()
