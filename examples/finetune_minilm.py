@@ -196,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--resume continues the run saved in --out: give --out DIR.")
     if args.out is not None and not args.resume:
         found = Path(args.out, "checkpoints")
-        if found.is_dir() and any(found.iterdir()):
+        if found.is_dir() and any(p.name.isdigit() for p in found.iterdir()):  # step folders
             parser.error(
                 f"{found} holds checkpoints of an earlier run: pass --resume to continue "
                 "it, or choose another --out."
