@@ -407,8 +407,9 @@ def pmap_step(
 
     ``step_fn_builder(axis_name)`` returns the step, e.g.
     ``lambda axis: make_train_step(..., axis_name=axis)``. Inputs carry a leading device
-    axis: replicate the state and frozen tree (``jax.device_put_replicated``) and
-    reshape the batch to ``(devices, per_device, ...)``. ``donate`` as in :func:`jit_step`.
+    axis: replicate the state and frozen tree (each leaf ``jnp.broadcast_to`` shape
+    ``(devices, *shape)``) and reshape the batch to ``(devices, per_device, ...)``.
+    ``donate`` as in :func:`jit_step`.
     """
     donate_argnums = (0,) if donate else ()
     return jax.pmap(step_fn_builder(axis_name), axis_name=axis_name, donate_argnums=donate_argnums)
