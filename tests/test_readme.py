@@ -55,8 +55,12 @@ def test_readme_block_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # What a block adds to the import path or imports from examples/ goes when it ends.
     monkeypatch.setattr(sys, "path", list(sys.path))
-    for name in ("bert",):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    before = sys.modules.pop("bert", None)
     module = types.ModuleType("readme_block")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, "README.md", "exec"), module.__dict__)
+    try:
+        exec(compile(code, "README.md", "exec"), module.__dict__)
+    finally:
+        sys.modules.pop("bert", None)
+        if before is not None:
+            sys.modules["bert"] = before
