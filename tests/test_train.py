@@ -525,3 +525,15 @@ def test_fit_prints_small_learning_rates_readably(capsys):
     train.fit(step, state, frozen, [batch], num_steps=1, evaluate=lambda s: {}, eval_every=1)
     printed = capsys.readouterr().out
     assert "step 1 " in printed and "learning_rate 5e-05" in printed
+
+
+def test_fit_refuses_what_it_cannot_do():
+    _, wrapped, config, params, variables, batch = _problem()
+    trainable, frozen = train.partition(variables, config)
+    optimizer = train.adamw(1e-2)
+    step = train.jit_step(train.make_train_step(train.linen_forward(wrapped), _mse, optimizer))
+    state = train.init_state(trainable, optimizer)
+    with pytest.raises(ValueError, match="save_every=5 needs .* checkpoints="):
+        train.fit(step, state, frozen, [batch], num_steps=1, save_every=5, progress=False)
+    with pytest.raises(ValueError, match=r"`batches` ran out after 2 batches, at step 2 of num"):
+        train.fit(step, state, frozen, [batch, batch], num_steps=3, progress=False)
