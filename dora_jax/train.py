@@ -476,7 +476,9 @@ def fit(
       batches: an iterable of batches; iterated once, from its start.
       num_steps: train until ``state.step`` reaches this; a resumed run does the rest.
       evaluate: ``state -> {name: value}``, run every ``eval_every`` steps.
-      log_path: append the JSON lines to this file.
+      log_path: append the JSON lines to this file. A resumed run appends too: steps
+        done after the last checkpoint before a crash appear twice, the later line
+        being the one the final state comes from.
       progress: show a progress bar (on terminals).
       on_nonfinite: what a step with a NaN or Inf metric does. ``"raise"`` (default):
         stop with :class:`NonFiniteError`, naming the step and the metrics, unless the
