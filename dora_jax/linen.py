@@ -765,7 +765,7 @@ def _dropout_from_rng(module: nn.Module, rate: float) -> Callable[[Array], Array
 def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, context):
     module = context.module
     path = module_path(module)
-    if context.method_name == "__call__" and path:
+    if path:
         trace.paths.add(path)
     if isinstance(module, DoRAMixin) or not path or not config.is_target(path):
         if type(module) in ADAPTABLE and path:
@@ -835,12 +835,23 @@ class DoRAModel:
     config: DoRAConfig
 
     @contextlib.contextmanager
-    def _adapting(self):
-        """Adapt the targeted layers of every trace of the model run inside."""
+    def _adapting(self, method, params: Callable[[], Mapping[str, Any]]):
+        """Adapt the targeted layers of every trace of the model run inside.
+
+        A trace of the whole model (``method=None``) checks every setting of the config
+        against what it saw (``params()`` gives the parameters of the run); a trace of
+        another method sees part of the model, so only ``targets`` is checked there.
+        """
         trace = _Trace()
         with nn.intercept_methods(functools.partial(_intercept, self.config, trace)):
             yield
-        if trace.paths and not trace.adapted:
+        if not trace.paths:
+            return
+        if method is None:
+            self.config.check_matched(
+                trace.paths, trace.adaptable, param_paths=_module_paths_with_leaves(params())
+            )
+        elif not trace.adapted:
             self.config.check_matched(trace.paths, trace.adaptable)
 
     def init(self, rngs, *args, method=None, **kwargs) -> dict[str, Any]:
@@ -850,7 +861,8 @@ class DoRAModel:
         (``Model.encode``) or a function ``fn(module, *args)`` called with the model.
         Returns ``params`` and ``dora``; no cache (see :func:`cache_base_norms`).
         """
-        with self._adapting():
+        variables = {}
+        with self._adapting(method, lambda: variables.get("params", {})):
             variables = self.model.init(rngs, *args, method=method, **kwargs)
         return split_adapters(variables)
 
@@ -864,7 +876,8 @@ class DoRAModel:
         and ``dora``; no cache (see :func:`cache_base_norms`).
         """
         rngs = {"params": rngs} if not isinstance(rngs, Mapping) else rngs
-        with self._adapting():
+        variables = {}
+        with self._adapting(method, lambda: variables.get("params", {})):
             _, variables = self.model.apply(
                 {"params": params}, *args, rngs=rngs, mutable=True, method=method, **kwargs
             )
@@ -876,14 +889,24 @@ class DoRAModel:
         ``method`` as in :meth:`init`. Without ``variables["dora_cache"]``, each layer's
         ``||W0||_c^2`` is computed from the ``params`` given.
         """
-        with self._adapting():
-            result = self.model.apply(
-                join_adapters(variables), *args, method=method, mutable=mutable, **kwargs
-            )
+        joined = join_adapters(variables)
+        with self._adapting(method, lambda: joined.get("params", {})):
+            result = self.model.apply(joined, *args, method=method, mutable=mutable, **kwargs)
         if mutable is False:
             return result
         out, updates = result
         return out, split_adapters(updates)
+
+
+def _module_paths_with_leaves(params: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The ``/``-joined paths of the modules in a params tree that hold arrays directly."""
+    paths = []
+    if any(not isinstance(v, Mapping) for v in params.values()) and prefix:
+        paths.append(prefix)
+    for name, value in params.items():
+        if isinstance(value, Mapping):
+            paths += _module_paths_with_leaves(value, f"{prefix}/{name}" if prefix else name)
+    return paths
 
 
 def wrap(model: nn.Module, config: DoRAConfig) -> DoRAModel:

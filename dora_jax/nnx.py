@@ -610,8 +610,12 @@ def apply_dora(model: nnx.Module, config: DoRAConfig, *, rngs: nnx.Rngs) -> nnx.
             chosen.append((path, name, module))
         elif config.is_saved(name):
             saved.append(module)
-    if not chosen:
-        config.check_matched(paths, adaptable)
+    holding_params = {  # the modules that hold a parameter directly
+        "/".join(str(p) for p in path[:-1])
+        for path, variable in nnx.iter_graph(model)
+        if isinstance(variable, nnx.Param) and len(path) > 1
+    }
+    config.check_matched(paths, adaptable, param_paths=holding_params)
     # Build every replacement before changing anything: an error leaves the model as is.
     replacements = []
     for path, name, module in chosen:

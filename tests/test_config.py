@@ -235,8 +235,8 @@ TYPOS = [
     (
         "cnn",
         dict(targets=["fc1"], modules_to_save=["haed"]),
-        "DoRAConfig modules_to_save entry 'haed' matches no module. Module paths, closest "
-        "first:\n  head\n",
+        "DoRAConfig modules_to_save entry 'haed' matches no module with parameters. Module "
+        "paths, closest first:\n  head\n",
     ),
 ]
 NAMES = {"linen": ("encoder/", "layer_0"), "nnx": ("", "layers/0")}

@@ -296,9 +296,8 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
 
 
 def cache_from_layer(module, variables, x) -> dict:
-    """The ``dora_cache`` collection as the layer itself creates it."""
-    _, state = module.apply(variables, x, mutable=["dora_cache"])
-    return {**variables, **state}
+    """The variables with the ``dora_cache`` collection the library makes on request."""
+    return dora_jax.linen.cache_base_norms(module, variables, x)
 
 
 def check_merge(kind, peft_model, layer, variables, r, alpha, rslora) -> None:
