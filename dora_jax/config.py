@@ -127,15 +127,13 @@ class DoRAConfig:
 
     def settings(self, path: str) -> LayerSettings:
         """The hyperparameters of the layer at ``path``, with pattern overrides applied."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerSettings)}
         return LayerSettings(
-            rank=_first_match(self.rank_pattern, path, self.rank),
-            alpha=_first_match(self.alpha_pattern, path, self.alpha),
-            dropout=self.dropout,
-            rslora=self.rslora,
-            use_dora=self.use_dora,
-            detach_norm=self.detach_norm,
-            eps=self.eps,
-            adapter_dtype=self.adapter_dtype,
+            **{
+                **shared,
+                "rank": _first_match(self.rank_pattern, path, self.rank),
+                "alpha": _first_match(self.alpha_pattern, path, self.alpha),
+            }
         )
 
     def _similarity(self, path: str) -> float:

@@ -38,9 +38,8 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import string
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,15 +48,33 @@ import numpy as np
 
 from dora_jax import ops
 from dora_jax import summary as dora_summary
+from dora_jax.adapters import (
+    ADAPTER_LEAVES,
+    BASE_NORM_SQ,
+    CACHE_LEAVES,
+    DORA,
+    DORA_CACHE,
+    INFERENCE_NORM,
+    SETTINGS,
+    Adapters,
+    adapted_output,
+    as_tuple,
+    check_dropout,
+    default_inits,
+    dense_general_output_shape,
+    drop_leaves,
+    einsum_plan,
+    has_leaf,
+    kaiming_uniform,
+    merge_trees,
+    normalize_axes,
+)
 from dora_jax.config import DoRAConfig, LayerSettings
 
 Array = jax.Array
-DORA = "dora"
-DORA_CACHE = "dora_cache"
-ADAPTERS = ("lora_a", "lora_b", "magnitude")
-CACHE = "base_norm_sq"
-NORM = "norm"  # the whole DoRA norm, cached for inference only (see cache_norms)
-CACHES = (CACHE, NORM)
+# The names dora_jax.train imports from here (dora_jax.adapters defines them).
+NORM = INFERENCE_NORM
+_drop_leaves = drop_leaves
 RESERVED_PREFIX = "dora_"  # wrapped models: adapters are params named dora_<name> in traces
 
 # A store reads or creates one adapter variable: (name, init) -> value; caches are
@@ -150,8 +167,8 @@ def collection_store(module: nn.Module) -> Store:
     """Adapters in the ``"dora"`` collection, the cache in ``"dora_cache"``."""
 
     def variable(name: str, init: Callable[[], Array] | None) -> Array | None:
-        collection = DORA_CACHE if name in CACHES else DORA
-        return _get_or_create(module, collection, name, init, optional=name in CACHES)
+        collection = DORA_CACHE if name in CACHE_LEAVES else DORA
+        return _get_or_create(module, collection, name, init, optional=name in CACHE_LEAVES)
 
     return variable
 
@@ -161,7 +178,7 @@ def params_store(module: nn.Module) -> Store:
 
     def variable(name: str, init: Callable[[], Array] | None) -> Array | None:
         return _get_or_create(
-            module, "params", RESERVED_PREFIX + name, init, optional=name in CACHES
+            module, "params", RESERVED_PREFIX + name, init, optional=name in CACHE_LEAVES
         )
 
     return variable
@@ -179,16 +196,6 @@ def _get_or_create(module, collection, name, init, optional):
             f"pass the {DORA!r} collection made by init."
         )
     return module.variable(collection, name, init).value
-
-
-class Adapters(NamedTuple):
-    """One layer's adapter arrays (``None`` where absent)."""
-
-    lora_a: Array
-    lora_b: Array
-    magnitude: Array | None
-    base_norm_sq: Array | None  # cached ||W0||_c^2
-    norm: Array | None  # cached full norm, inference only (cache_norms)
 
 
 def create_adapters(
@@ -237,11 +244,11 @@ def create_adapters(
         cache_init = None
         if _caching_base_norms.get():
             cache_init = lambda: ops.column_norm_sq(kernel, layout)  # noqa: E731
-        base_norm_sq = store(CACHE, cache_init)
+        base_norm_sq = store(BASE_NORM_SQ, cache_init)
         if base_norm_sq is not None and base_norm_sq.shape != m_shape:
             raise ValueError(
-                f"{where}: cached {CACHE} has shape {base_norm_sq.shape}, expected {m_shape} "
-                f"for kernel {kernel.shape}."
+                f"{where}: cached {BASE_NORM_SQ} has shape {base_norm_sq.shape}, expected "
+                f"{m_shape} for kernel {kernel.shape}."
             )
         norm_init = None
         if _caching_norms.get():
@@ -254,7 +261,7 @@ def create_adapters(
                 base_norm_sq=base_norm_sq,
                 eps=settings.eps,
             )
-        norm = store(NORM, norm_init)
+        norm = store(INFERENCE_NORM, norm_init)
     return Adapters(lora_a, lora_b, magnitude, base_norm_sq, norm)
 
 
@@ -330,59 +337,6 @@ class Adapter:
         )
 
 
-def adapted_output(
-    x: Array,
-    kernel: Array,
-    layout: ops.Layout,
-    adapters: Adapters,
-    settings: LayerSettings,
-    x_dropped: Array | None,
-    **maps,
-) -> Array:
-    """:func:`dora_jax.ops.adapter_forward` for one layer's adapters and settings.
-
-    ``maps`` are the layer's linear maps (``apply_kernel``, ``apply_lora_b``, ...).
-    Shared by the Linen and the NNX layers.
-    """
-    return ops.adapter_forward(
-        x,
-        kernel,
-        adapters.lora_a,
-        adapters.lora_b,
-        adapters.magnitude,
-        layout=layout,
-        scale=settings.scale,
-        x_dropped=x_dropped,
-        detach_norm=settings.detach_norm,
-        base_norm_sq=adapters.base_norm_sq,
-        norm=adapters.norm,
-        eps=settings.eps,
-        **maps,
-    )
-
-
-def kaiming_uniform(layout: ops.Layout) -> nn.initializers.Initializer:
-    """PEFT's ``A`` init: ``kaiming_uniform_(a=sqrt(5))``, i.e. U(+-1/sqrt(fan_in))."""
-    n_batch, n_in = len(layout.batch_axes), len(layout.in_axes)
-    return nn.initializers.variance_scaling(
-        1.0 / 3.0,
-        "fan_in",
-        "uniform",
-        in_axis=tuple(range(n_batch, n_batch + n_in)),
-        out_axis=-1,
-        batch_axis=tuple(range(n_batch)),
-    )
-
-
-def default_inits(embedding: bool = False):
-    """PEFT's adapter initializers ``(A, B)``: Kaiming-uniform ``A`` (``None`` here,
-    resolved per layout) and zero ``B``, so the adapted layer starts equal to the base;
-    for embeddings zero ``A`` and normal ``B``."""
-    if embedding:
-        return nn.initializers.zeros_init(), nn.initializers.normal(1.0)
-    return None, nn.initializers.zeros_init()
-
-
 # --------------------------------------------------------------------------------------
 # Each Flax layer's parameters, created exactly as Flax does, then the adapted forward.
 
@@ -419,9 +373,9 @@ def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
 
 
 def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: Adapter) -> Array:
-    features = _as_tuple(module.features)
-    axis = _normalize_axes(_as_tuple(module.axis), inputs.ndim)
-    batch_dims = _normalize_axes(_as_tuple(module.batch_dims), inputs.ndim)
+    features = as_tuple(module.features)
+    axis = normalize_axes(as_tuple(module.axis), inputs.ndim)
+    batch_dims = normalize_axes(as_tuple(module.batch_dims), inputs.ndim)
     if batch_dims and batch_dims != tuple(range(len(batch_dims))):
         raise ValueError(
             f"{describe(module)}: batch_dims {batch_dims} must be consecutive leading "
@@ -439,10 +393,8 @@ def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: Adapter)
         module, _flat_init(module.bias_init, n_batch, 0, n_out), batch_shape + features
     )
     # (*batch, *out) values -> broadcastable against the output (*batch, *other, *out).
-    expanded = tuple(
-        inputs.shape[ax] if ax in batch_dims else 1 for ax in range(inputs.ndim) if ax not in axis
-    )
-    to_output = lambda v: jnp.reshape(v, expanded + features)  # noqa: E731
+    shape = dense_general_output_shape(inputs.shape, axis, batch_dims, features)
+    to_output = lambda v: jnp.reshape(v, shape)  # noqa: E731
     y = adapter(
         inputs,
         kernel,
@@ -498,32 +450,21 @@ def einsum_maps(
     equation: str, kernel_shape: Sequence[int], module: Any, copy: Sequence[str] | None = None
 ) -> EinsumMaps:
     """Build :class:`EinsumMaps` from Flax's ``nn.Einsum`` with ``module``'s settings."""
-    layout = ops.einsum_layout(equation)
-    operands, out = equation.split("->")
-    lhs, rhs = operands.split(",")
-    pick = lambda axes: "".join(rhs[a] for a in axes)  # noqa: E731
-    batch, contracted, produced = (
-        pick(a) for a in (layout.batch_axes, layout.in_axes, layout.out_axes)
-    )
-    r = next(c for c in string.ascii_letters if c not in equation)
-    xa_out = "".join(c for c in out if c not in produced) + r
+    plan = einsum_plan(equation, kernel_shape)
 
     def einsum_map(equation):
         return lambda x, k: plain_layer(
             nn.Einsum, module, copy, shape=k.shape, einsum_str=equation
         ).apply({"params": {"kernel": k}}, x)
 
-    # (*batch, *out) values -> the output's axis order, size 1 on the input's own axes.
-    perm = [(batch + produced).index(c) for c in out if c in batch + produced]
-    broadcast = tuple(kernel_shape[rhs.index(c)] if c in rhs else 1 for c in out)
     return EinsumMaps(
-        layout=layout,
-        apply_kernel=einsum_map(equation),
-        apply_lora_a=einsum_map(f"{lhs},{batch}{contracted}{r}->{xa_out}"),
-        apply_lora_b=einsum_map(f"{xa_out},{batch}{r}{produced}->{out}"),
-        to_output=lambda v: jnp.reshape(jnp.transpose(v, perm), broadcast),
-        bias_shape=tuple(kernel_shape[rhs.index(c)] for c in out if c in rhs),
-        bias_broadcast=broadcast,
+        layout=plan.layout,
+        apply_kernel=einsum_map(plan.equation),
+        apply_lora_a=einsum_map(plan.lora_a_equation),
+        apply_lora_b=einsum_map(plan.lora_b_equation),
+        to_output=plan.to_output,
+        bias_shape=plan.bias_shape,
+        bias_broadcast=plan.broadcast,
     )
 
 
@@ -583,7 +524,17 @@ def embed_attend(module: nn.Embed, query: Array, adapter: Adapter, adapters: Ada
 # The layers.
 
 
-class DoRAMixin(nn.Module):
+def _settings_fields(base: type) -> type:
+    """``base`` with the fields of :class:`LayerSettings` (names, types, defaults): the
+    Linen layers declare the hyperparameters from their one definition."""
+    fields = dataclasses.fields(LayerSettings)
+    namespace = {f.name: f.default for f in fields}
+    namespace["__annotations__"] = {f.name: f.type for f in fields}
+    namespace["__module__"] = __name__
+    return type("LayerSettingsFields", (base,), namespace)
+
+
+class DoRAMixin(_settings_fields(nn.Module)):
     """The DoRA hyperparameters shared by every Linen layer.
 
     Attributes:
@@ -604,14 +555,6 @@ class DoRAMixin(nn.Module):
         adapted layer starts equal to the base layer.
     """
 
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    rslora: bool = False
-    use_dora: bool = True
-    detach_norm: bool = True
-    eps: float = ops.DEFAULT_EPS
-    adapter_dtype: Any = jnp.float32
     deterministic: bool | None = None
     lora_a_init: nn.initializers.Initializer | None = None
     lora_b_init: nn.initializers.Initializer | None = None
@@ -623,14 +566,11 @@ class DoRAMixin(nn.Module):
         return ops.scaling(self.rank, self.alpha, self.rslora)
 
     def _adapter(self, deterministic: bool | None = None) -> Adapter:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{describe(self)}: dropout must be in [0, 1); got {self.dropout}.")
+        check_dropout(self.dropout, describe(self))
         a_init, b_init = default_inits(self.is_embedding)
         return Adapter(
             module=self,
-            settings=LayerSettings(
-                **{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerSettings)}
-            ),
+            settings=LayerSettings(**{name: getattr(self, name) for name in SETTINGS}),
             store=collection_store(self),
             dropout=functools.partial(self._dropped, deterministic=deterministic),
             lora_a_init=self.lora_a_init or a_init,
@@ -941,7 +881,7 @@ def split_adapters(variables: Mapping[str, Any]) -> dict[str, Any]:
     variables["params"] = params
     for name, tree in ((DORA, dora), (DORA_CACHE, cache)):
         if tree:
-            variables[name] = _merge_trees(variables.get(name, {}), tree)
+            variables[name] = merge_trees(variables.get(name, {}), tree)
     return variables
 
 
@@ -951,7 +891,7 @@ def join_adapters(variables: Mapping[str, Any]) -> dict[str, Any]:
     dora, cache = variables.pop(DORA, {}), variables.pop(DORA_CACHE, {})
     params = variables.get("params", {})
     for tree in (dora, cache):
-        params = _merge_trees(params, _prefix_leaves(tree))
+        params = merge_trees(params, _prefix_leaves(tree))
     if params:
         variables["params"] = params
     return variables
@@ -968,9 +908,9 @@ def _split(tree):
                 dora[key] = d
             if c:
                 cache[key] = c
-        elif key.startswith(RESERVED_PREFIX) and key[len(RESERVED_PREFIX) :] in CACHES:
+        elif key.startswith(RESERVED_PREFIX) and key[len(RESERVED_PREFIX) :] in CACHE_LEAVES:
             cache[key[len(RESERVED_PREFIX) :]] = value
-        elif key.startswith(RESERVED_PREFIX) and key[len(RESERVED_PREFIX) :] in ADAPTERS:
+        elif key.startswith(RESERVED_PREFIX) and key[len(RESERVED_PREFIX) :] in ADAPTER_LEAVES:
             dora[key[len(RESERVED_PREFIX) :]] = value
         else:
             params[key] = value
@@ -984,16 +924,6 @@ def _prefix_leaves(tree):
         else v
         for k, v in tree.items()
     }
-
-
-def _merge_trees(a: Mapping, b: Mapping) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge_trees(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -1019,8 +949,8 @@ def recompute_magnitudes(
       a new variables dict; ``lora_a`` and ``lora_b`` are kept.
     """
     kept = dict(variables)
-    had_cache = _has_leaf(kept.pop(DORA_CACHE, {}), CACHE)
-    kept[DORA] = _drop_leaves(variables.get(DORA, {}), "magnitude")
+    had_cache = has_leaf(kept.pop(DORA_CACHE, {}), BASE_NORM_SQ)
+    kept[DORA] = drop_leaves(variables.get(DORA, {}), "magnitude")
     token = _caching_base_norms.set(had_cache)
     try:
         _, updates = module.apply(kept, *args, mutable=[DORA, DORA_CACHE, "params"], **kwargs)
@@ -1099,28 +1029,6 @@ def merge_params(
     finally:
         _merging.reset(token)
     return updates["params"]
-
-
-def _has_leaf(tree: Any, name: str) -> bool:
-    return isinstance(tree, Mapping) and any(
-        k == name or _has_leaf(v, name) for k, v in tree.items()
-    )
-
-
-def _drop_leaves(tree: Mapping[str, Any], name: str) -> dict[str, Any]:
-    return {
-        k: _drop_leaves(v, name) if isinstance(v, Mapping) else v
-        for k, v in tree.items()
-        if k != name
-    }
-
-
-def _as_tuple(x) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _normalize_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    return tuple(ax if ax >= 0 else ndim + ax for ax in axes)
 
 
 def _flat_init(init, n_batch: int, n_in: int, n_out: int):

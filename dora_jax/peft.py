@@ -43,8 +43,8 @@ import numpy as np
 from flax import nnx
 
 from dora_jax import nnx as dora_nnx
+from dora_jax.adapters import DORA
 from dora_jax.config import DoRAConfig
-from dora_jax.linen import DORA
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"

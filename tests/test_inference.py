@@ -47,7 +47,7 @@ def test_cached_norms_match_reference_and_outputs():
         kernel = np.asarray(variables["params"][name]["kernel"], np.float64)
         adapters = {k: np.asarray(v, np.float64) for k, v in variables["dora"][name].items()}
         reference = np.linalg.norm(kernel + 2.0 * adapters["lora_a"] @ adapters["lora_b"], axis=0)
-        got = np.asarray(cached["dora_cache"][name]["norm"])
+        got = np.asarray(cached["dora_cache"][name]["inference_norm"])
         np.testing.assert_allclose(got, reference, rtol=1e-5)
     np.testing.assert_allclose(
         wrapped.apply(cached, x), wrapped.apply(variables, x), rtol=1e-6, atol=1e-6
@@ -80,7 +80,7 @@ def test_training_partition_drops_cached_norms():
     variables = dora_jax.linen.cache_base_norms(wrapped, variables, x)
     cached = dora_jax.linen.cache_norms(wrapped, variables, x)
     _, frozen = train.partition(cached)
-    assert all("norm" not in layer for layer in frozen["dora_cache"].values())
+    assert all("inference_norm" not in layer for layer in frozen["dora_cache"].values())
     assert all("base_norm_sq" in layer for layer in frozen["dora_cache"].values())
 
 

@@ -98,7 +98,7 @@ def test_linen_explicit_cache_depends_on_the_params_given():
     assert ref.relative_error(layer.apply(cached, x), layer.apply(loaded, x)) <= 1e-6
     # A second call replaces the cache (and drops an inference norm cache).
     inference = dora_linen.cache_norms(layer, cached, x)
-    assert set(inference["dora_cache"]) == {"base_norm_sq", "norm"}
+    assert set(inference["dora_cache"]) == {"base_norm_sq", "inference_norm"}
     again = dora_linen.cache_base_norms(layer, inference, x)
     assert set(again["dora_cache"]) == {"base_norm_sq"}
 
