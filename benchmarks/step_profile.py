@@ -150,13 +150,17 @@ def analyse(runner: Runner, rounds: list[dict], width: int, tokens: int) -> dict
         and (i["opcode"] == "dot" or (i["opcode"] == "fusion" and n.startswith("ynn_fusion")))
         and not i["shape"].startswith("f32[]")
     }
-    # Constants with an operation's metadata were computed by XLA, not closed over.
+    # Constants with an operation's metadata were computed by XLA, not closed over; XLA
+    # may have moved them into a fused computation, so every computation is searched.
     computed = (f"[{tokens},{width}]", f"[{width}]")
-    folded = [
-        f"{i['shape']} ({where(i)})"
-        for i in ops.values()
-        if i["opcode"] == "constant" and i["op_name"] and i["shape"].endswith(computed)
-    ]
+    folded = []
+    for line in hlo.splitlines():
+        match, op_name = INSTRUCTION.match(line), OP_NAME.search(line)
+        if match and op_name and match.group(3) == "constant":
+            shape = match.group(2).split("{")[0]
+            if shape.endswith(computed):
+                info = {"op_name": op_name.group(1), "operands": []}
+                folded.append(f"{shape} ({where(info)})")
 
     def median_ms(names) -> float:
         return 1e3 * statistics.median(sum(r.get(n, 0.0) for n in names) for r in rounds)
