@@ -39,8 +39,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dora_jax.adapters import DORA, DORA_CACHE, INFERENCE_NORM, drop_leaves
 from dora_jax.config import DoRAConfig
-from dora_jax.linen import DORA, DORA_CACHE, NORM, _drop_leaves
 
 PyTree = Any
 _NEVER = np.iinfo(np.int32).max  # apply_if_finite's counter is an int32
@@ -81,7 +81,7 @@ def partition(
     """
     variables = dict(variables)
     if DORA_CACHE in variables:  # a cached whole norm is for inference only
-        variables[DORA_CACHE] = _drop_leaves(variables[DORA_CACHE], NORM)
+        variables[DORA_CACHE] = drop_leaves(variables[DORA_CACHE], INFERENCE_NORM)
     trainable: dict[str, Any] = {}
     if DORA in variables:
         trainable[DORA] = variables.pop(DORA)
