@@ -1,0 +1,75 @@
+"""DoRA for Flax Linen: drop-in layers, and wrapping of unmodified models.
+
+**Layers.** Each layer is a subclass of the Flax layer it adapts (``DoRADense`` is an
+``nn.Dense``) with the same constructor arguments plus the DoRA hyperparameters, and the
+same ``"params"`` collection, so a pretrained checkpoint loads unchanged::
+
+    "params":     kernel, bias                  the frozen base, exactly as in Flax
+    "dora":       lora_a, lora_b, magnitude     trainable
+    "dora_cache": base_norm_sq                  ||W0||_c^2, only if asked for (see below)
+
+``init`` returns ``params`` and ``dora`` only. Without a cache, ``apply`` computes
+``||W0||_c^2`` from the kernel it is given, so ``init``, then pretrained weights put
+into ``variables["params"]``, then ``apply`` computes DoRA of those weights. The
+magnitudes are still those of the kernel present at ``init``: after loading new base
+weights call :func:`recompute_magnitudes` (PEFT's initialisation of ``m``).
+
+``dora_cache`` only saves squaring the frozen ``W0`` every training step. It is made by
+an explicit call, :func:`cache_base_norms`, from the params as they are then; it is
+valid for those params only: call it again after they change.
+
+**Wrapping.** :func:`wrap` adapts the ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``
+and ``Embed`` layers of any Linen model that a :class:`~dora_jax.DoRAConfig` selects,
+through ``nn.intercept_methods``: no model code changes, and ``nn.scan`` / ``nn.remat``
+models work because, inside the trace, adapters are ``params`` under reserved names
+(``dora_lora_a`` ...), which every lifted transform already carries. The wrapper's
+``init`` and ``apply`` move them to and from the ``"dora"`` and ``"dora_cache"``
+collections, so users see the same collections as with the layers. The wrapper is not a
+module of its own: it runs the model's own ``init`` / ``apply`` (any ``method=``, names
+and functions alike) under the interceptor, so it takes no name from the model.
+
+The frozen linear map (padding, dilation, precision, dtype promotion) is Flax's own: a
+plain Flax layer runs on ``W0`` and on ``A``; the DoRA math is :mod:`dora_jax.ops`.
+"""
+
+from dora_jax.adapters import DORA, DORA_CACHE, INFERENCE_NORM, drop_leaves
+from dora_jax.linen.layers import (
+    DoRAConv,
+    DoRADense,
+    DoRADenseGeneral,
+    DoRAEinsum,
+    DoRAEmbed,
+    DoRAMixin,
+)
+from dora_jax.linen.models import (
+    cache_base_norms,
+    cache_norms,
+    merge_params,
+    recompute_magnitudes,
+    summary,
+)
+from dora_jax.linen.wrap import DoRAModel, join_adapters, split_adapters, wrap
+
+# Names dora_jax.train imports from here (dora_jax.adapters defines them).
+NORM = INFERENCE_NORM
+_drop_leaves = drop_leaves
+
+__all__ = [
+    "DORA",
+    "DORA_CACHE",
+    "DoRAConv",
+    "DoRADense",
+    "DoRADenseGeneral",
+    "DoRAEinsum",
+    "DoRAEmbed",
+    "DoRAMixin",
+    "DoRAModel",
+    "cache_base_norms",
+    "cache_norms",
+    "join_adapters",
+    "merge_params",
+    "recompute_magnitudes",
+    "split_adapters",
+    "summary",
+    "wrap",
+]
