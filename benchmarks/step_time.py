@@ -10,7 +10,8 @@ state and the optimizer state. Variants:
 
 * ``lora``: ``dora_jax.DoRADense(..., use_dora=False)``, the same code without magnitude;
 * ``dora``: ``dora_jax.DoRADense(..., use_dora=True)``, the library's factored norm with
-  the cached ``||W0||_c^2``;
+  the cached ``||W0||_c^2`` (made by ``dora_jax.linen.cache_base_norms``: ``init``
+  makes none);
 * ``materialised``: a reference written here that forms
   ``W' = m * (W0 + s*A@B) / stop_gradient(||W0 + s*A@B||_c)`` and computes ``x @ W'``,
   what a direct port of PEFT does.
@@ -43,7 +44,8 @@ tables, ratios against its own LoRA):
   example): XLA then folds the first layer's ``x @ W0`` at compile time.
 
 Variants for these comparisons (with ``--variants``): ``dora-nocache`` (above; with a
-constant ``W0`` XLA folds ``||W0||_c^2`` at compile time, so the cache changes nothing)
+constant ``W0`` XLA folds ``||W0||_c^2`` at compile time, so the cache changes the step
+nothing, only the compile time)
 and ``dora-stacked``, the library layer under the rule it had before it told constants
 apart: ``[x; A^T] @ W0`` stacked even when ``x`` and ``W0`` are both constants, which
 keeps XLA from folding ``x @ W0``.
