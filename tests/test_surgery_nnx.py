@@ -35,18 +35,16 @@ import jax.numpy as jnp
 import models
 import numpy as np
 import pytest
+from conftest import ARCH_RANK, lora_size
 from flax import nnx
 
 from dora_jax import DoRAConfig
 from dora_jax import linen as dora_linen
 from dora_jax import nnx as dora_nnx
+from dora_jax.adapters import ADAPTER_LEAVES
 
-R = 2
-ADAPTERS = ("lora_a", "lora_b", "magnitude")
-
-
-def _lora_size(fan_in: int, fan_out: int, out: int, rank: int = R) -> int:
-    return rank * (fan_in + fan_out) + out
+R = ARCH_RANK
+ADAPTERS = ADAPTER_LEAVES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +60,7 @@ class Arch:
 def _encoder() -> Arch:
     h, i, v, c, layers = 16, 32, 50, 3, 2  # NnxEncoder defaults
     per_layer = (
-        2 * _lora_size(h, h, h) + _lora_size(h, h, h) + _lora_size(h, i, i) + _lora_size(i, h, h)
+        2 * lora_size(h, h, h) + lora_size(h, h, h) + lora_size(h, i, i) + lora_size(i, h, h)
     )
     adapted = {"embed"}
     for n in range(layers):
@@ -80,7 +78,7 @@ def _encoder() -> Arch:
         config=config,
         adapted=frozenset(adapted),
         saved={"classifier": h * c + c},
-        trainable=layers * per_layer + _lora_size(v, h, h) + h * c + c,
+        trainable=layers * per_layer + lora_size(v, h, h) + h * c + c,
     )
 
 
@@ -93,9 +91,9 @@ def _cnn() -> Arch:
         config=DoRAConfig(targets="conv[12]|fc1", rank=R, alpha=4.0, modules_to_save=["head"]),
         adapted=frozenset({"conv1", "conv2", "fc1"}),
         saved={"head": hidden * classes + classes},
-        trainable=_lora_size(9 * c0, c1, c1)
-        + _lora_size(9 * c1, c2, c2)
-        + _lora_size(c2, hidden, hidden)
+        trainable=lora_size(9 * c0, c1, c1)
+        + lora_size(9 * c1, c2, c2)
+        + lora_size(c2, hidden, hidden)
         + hidden * classes
         + classes,
     )

@@ -40,17 +40,13 @@ import models
 import numpy as np
 import pytest
 import reference as ref
+from conftest import ARCH_RANK, lora_size
 
 import dora_jax
 from dora_jax import DoRAConfig
 from dora_jax import linen as dora_linen
 
-R = 2  # default rank of the architecture configs
-
-
-def _lora_size(fan_in: int, fan_out: int, out: int, rank: int = R) -> int:
-    """Trainable size of one adapted layer: ``A``, ``B`` and the magnitude."""
-    return rank * (fan_in + fan_out) + out
+R = ARCH_RANK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +62,12 @@ def _bert() -> Arch:
     m = models.Bert()
     h, i, v, c = m.hidden, m.intermediate, m.vocab, m.num_classes
     per_layer = (
-        2 * _lora_size(h, h, h)  # query, value: (h) -> (heads, head_dim)
-        + _lora_size(h, h, h)  # out: (heads, head_dim) -> (h)
-        + _lora_size(h, i, i)  # intermediate
-        + _lora_size(i, h, h)  # output
+        2 * lora_size(h, h, h)  # query, value: (h) -> (heads, head_dim)
+        + lora_size(h, h, h)  # out: (heads, head_dim) -> (h)
+        + lora_size(h, i, i)  # intermediate
+        + lora_size(i, h, h)  # output
     )
-    trainable = m.num_layers * per_layer + _lora_size(v, h, h) + (h * c + c)
+    trainable = m.num_layers * per_layer + lora_size(v, h, h) + (h * c + c)
     layers = [f"encoder/layer_{n}" for n in range(m.num_layers)]
     adapted = {"embeddings/word_embeddings"}
     for layer in layers:
@@ -90,8 +86,8 @@ def _bert() -> Arch:
 def _gpt() -> Arch:
     m = models.Gpt()
     d, h, v = m.d, m.mlp, m.vocab
-    per_layer = 3 * _lora_size(d, d, d) + _lora_size(d, h, h) + _lora_size(h, d, d)
-    trainable = m.num_layers * per_layer + _lora_size(v, d, d)  # wte is not scanned
+    per_layer = 3 * lora_size(d, d, d) + lora_size(d, h, h) + lora_size(h, d, d)
+    trainable = m.num_layers * per_layer + lora_size(v, d, d)  # wte is not scanned
     adapted = {"wte", "blocks/fc_in", "blocks/fc_out"}
     adapted |= {f"blocks/attn/{p}" for p in ("query", "value", "out")}
     config = DoRAConfig(
@@ -105,9 +101,9 @@ def _cnn() -> Arch:
     c0, c1, c2 = models.CNN_CHANNELS
     hidden, classes = models.CNN_HIDDEN, models.CNN_CLASSES
     trainable = (
-        _lora_size(9 * c0, c1, c1)
-        + _lora_size(9 * c1, c2, c2)
-        + _lora_size(c2, hidden, hidden)
+        lora_size(9 * c0, c1, c1)
+        + lora_size(9 * c1, c2, c2)
+        + lora_size(c2, hidden, hidden)
         + (hidden * classes + classes)
     )
     config = DoRAConfig(targets="conv[12]|fc1", rank=R, alpha=4.0, modules_to_save=["head"])
