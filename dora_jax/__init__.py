@@ -1,13 +1,17 @@
 """dora-jax: DoRA (Weight-Decomposed Low-Rank Adaptation) for JAX and Flax.
 
-The math lives once in :mod:`dora_jax.ops`; everything else is a thin front end:
+The math lives once in :mod:`dora_jax.ops`; :mod:`dora_jax.adapters` holds what the two
+front ends share (names, the layer hyperparameters, the adapted forward) and imports
+neither; the front ends are siblings that never import each other (the layering is in
+``docs/design.md`` and checked by ``lint-imports``):
 
 * :mod:`dora_jax.linen`: drop-in layers ``DoRADense``, ``DoRADenseGeneral``,
   ``DoRAEinsum``, ``DoRAConv``, ``DoRAEmbed`` (adapters in the ``"dora"`` collection),
   and :func:`~dora_jax.linen.wrap` for unmodified Linen models;
 * :mod:`dora_jax.nnx`: ``DoRALinear``, ``DoRALinearGeneral``, ``DoRAEinsum``,
   ``DoRAConv``, ``DoRAEmbed`` (adapters are ``nnx.LoRAParam`` subclasses) and in-place
-  :func:`~dora_jax.nnx.apply_dora` for unmodified NNX models;
+  :func:`~dora_jax.nnx.apply_dora` for unmodified NNX models, computing with each
+  layer's own products (``dot_general``, ``precision``, ...);
 * :class:`DoRAConfig`: which layers to adapt, and how;
 * :mod:`dora_jax.train`: the frozen-base training step, data parallel, FSDP, multi-host;
 * :mod:`dora_jax.summary`: trainable-parameter summaries;
@@ -16,7 +20,7 @@ The math lives once in :mod:`dora_jax.ops`; everything else is a thin front end:
 * :mod:`dora_jax.analysis`: magnitude and direction changes (the paper's section 2).
 """
 
-from dora_jax import analysis, checkpoint, linen, nnx, ops, peft, summary, train
+from dora_jax import adapters, analysis, checkpoint, linen, nnx, ops, peft, summary, train
 from dora_jax.config import DoRAConfig, LayerSettings
 from dora_jax.linen import (
     DoRAConv,
@@ -40,6 +44,7 @@ __all__ = [
     "DoRAEinsum",
     "DoRAEmbed",
     "LayerSettings",
+    "adapters",
     "analysis",
     "cache_base_norms",
     "cache_norms",

@@ -13,6 +13,7 @@ outputs as no cache (<= 1e-6).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import models
@@ -302,3 +303,30 @@ def test_nnx_cache_of_another_shape_is_refused():
     layer.base_norm_sq = dora_nnx.NormCache(jnp.ones((4,)))
     with pytest.raises(ValueError, match=r"base_norm_sq has shape \(4,\), expected \(6,\)"):
         layer(jnp.ones((1, 5)))
+
+
+def test_linen_merge_and_caches_trace_the_model_for_shapes_only():
+    """Merging and the norm caches compute from the variables: the model is traced for
+    shapes only, so no product with the example input is computed."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return dora_jax.DoRADense(3, rank=2, name="fc2")(
+                jnp.tanh(dora_jax.DoRADense(6, rank=2, name="fc1")(x))
+            )
+
+    net, x = Net(), jnp.ones((7, 5))  # 7 rows: no kernel has a 7
+    variables = net.init(jax.random.key(0), x)
+    for helper in (
+        dora_linen.merge_params,
+        dora_linen.cache_norms,
+        dora_linen.cache_base_norms,
+        dora_linen.recompute_magnitudes,
+    ):
+        jaxpr = jax.make_jaxpr(lambda v, helper=helper: helper(net, v, x))(variables)
+        products = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        shapes = [v.aval.shape for e in products for v in e.invars]
+        assert all(7 not in shape for shape in shapes), (helper.__name__, shapes)
+    facts = dora_linen.adapted_layers(net, variables, x)
+    assert [(f.path, f.kernel_shape) for f in facts] == [(("fc1",), (5, 6)), (("fc2",), (6, 3))]

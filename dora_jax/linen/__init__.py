@@ -42,6 +42,8 @@ from dora_jax.linen.layers import (
     DoRAMixin,
 )
 from dora_jax.linen.models import (
+    LayerFacts,
+    adapted_layers,
     cache_base_norms,
     cache_norms,
     merge_params,
@@ -64,6 +66,8 @@ __all__ = [
     "DoRAEmbed",
     "DoRAMixin",
     "DoRAModel",
+    "LayerFacts",
+    "adapted_layers",
     "cache_base_norms",
     "cache_norms",
     "join_adapters",

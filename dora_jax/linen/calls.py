@@ -19,7 +19,7 @@ from dora_jax.adapters import (
     normalize_axes,
 )
 from dora_jax.linen.maps import einsum_maps, kernel_map, rank_map
-from dora_jax.linen.variables import Adapter, describe
+from dora_jax.linen.variables import BoundAdapter, describe
 
 Array = jax.Array
 
@@ -40,7 +40,7 @@ def _add_bias(y: Array, bias: Array | None, to_output=lambda v: v) -> Array:
     return y if bias is None else y + to_output(bias).astype(y.dtype)
 
 
-def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
+def dense_call(module: nn.Dense, inputs: Array, adapter: BoundAdapter) -> Array:
     kernel = kernel_param(module, module.kernel_init, (jnp.shape(inputs)[-1], module.features))
     bias = _bias_param(module, module.bias_init, (module.features,))
     y = adapter(
@@ -55,7 +55,7 @@ def dense_call(module: nn.Dense, inputs: Array, adapter: Adapter) -> Array:
     return _add_bias(y, bias)
 
 
-def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: Adapter) -> Array:
+def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: BoundAdapter) -> Array:
     features = as_tuple(module.features)
     axis = normalize_axes(as_tuple(module.axis), inputs.ndim)
     batch_dims = normalize_axes(as_tuple(module.batch_dims), inputs.ndim)
@@ -89,7 +89,7 @@ def dense_general_call(module: nn.DenseGeneral, inputs: Array, adapter: Adapter)
     return _add_bias(y, bias, to_output)
 
 
-def conv_call(module: nn.Conv, inputs: Array, adapter: Adapter) -> Array:
+def conv_call(module: nn.Conv, inputs: Array, adapter: BoundAdapter) -> Array:
     kernel_size = (
         (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
     )
@@ -113,7 +113,7 @@ def conv_call(module: nn.Conv, inputs: Array, adapter: Adapter) -> Array:
 
 
 def einsum_call(
-    module: nn.Einsum, inputs: Array, einsum_str: str | None, adapter: Adapter
+    module: nn.Einsum, inputs: Array, einsum_str: str | None, adapter: BoundAdapter
 ) -> Array:
     equation = nn.merge_param("einsum_str", module.einsum_str, einsum_str).replace(" ", "")
     kernel = kernel_param(module, module.kernel_init, module.shape)
@@ -134,7 +134,7 @@ def einsum_call(
     return y if bias is None else y + jnp.reshape(bias, maps.bias_broadcast).astype(y.dtype)
 
 
-def embed_call(module: nn.Embed, inputs: Array, adapter: Adapter, adapters) -> Array:
+def embed_call(module: nn.Embed, inputs: Array, adapter: BoundAdapter, adapters) -> Array:
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
         raise ValueError(f"{describe(module)}: input type must be an integer; got {inputs.dtype}.")
     lookup = kernel_map(
@@ -147,7 +147,9 @@ def embed_call(module: nn.Embed, inputs: Array, adapter: Adapter, adapters) -> A
     )
 
 
-def embed_attend(module: nn.Embed, query: Array, adapter: Adapter, adapters: Adapters) -> Array:
+def embed_attend(
+    module: nn.Embed, query: Array, adapter: BoundAdapter, adapters: Adapters
+) -> Array:
     lora_a, lora_b, magnitude, base_norm_sq, norm = adapters
     settings = adapter.settings
     return ops.embed_attend(

@@ -24,7 +24,7 @@ from dora_jax.linen.calls import (
     embed_call,
     kernel_param,
 )
-from dora_jax.linen.variables import Adapter, collection_store, describe
+from dora_jax.linen.variables import BoundAdapter, collection_store, describe
 
 Array = jax.Array
 
@@ -70,10 +70,10 @@ class DoRAMixin(_settings_fields(nn.Module)):
     def scale(self) -> float:
         return ops.scaling(self.rank, self.alpha, self.rslora)
 
-    def _adapter(self, deterministic: bool | None = None) -> Adapter:
+    def _adapter(self, deterministic: bool | None = None) -> BoundAdapter:
         check_dropout(self.dropout, describe(self))
         a_init, b_init = default_inits(self.is_embedding)
-        return Adapter(
+        return BoundAdapter(
             module=self,
             settings=LayerSettings(**{name: getattr(self, name) for name in SETTINGS}),
             store=collection_store(self),

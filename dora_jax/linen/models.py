@@ -1,38 +1,180 @@
 """Whole-model helpers for Linen models (DoRA layers or wrapped): magnitudes from loaded
-weights, the norm caches, merging, the summary."""
+weights, the norm caches, merging, the summary.
+
+Each is a function of the model and its variables, not a mode of the forward pass: one
+shape-only trace of the model (``jax.eval_shape``, no computation) lists the adapted
+layers (:func:`adapted_layers`: path, kernel, settings, layout), then the helper computes
+from the variables alone with :mod:`dora_jax.ops`. Layers stacked by ``nn.scan`` or
+``nn.vmap`` hold their leading stacked axes as batch axes of the layout.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 
+from dora_jax import ops
 from dora_jax import summary as dora_summary
 from dora_jax.adapters import (
     BASE_NORM_SQ,
     DORA,
     DORA_CACHE,
-    drop_leaves,
+    INFERENCE_NORM,
+    SETTINGS,
+    Adapters,
     has_leaf,
+    merged_kernel,
 )
-from dora_jax.config import DoRAConfig
-from dora_jax.linen.variables import _caching_base_norms, _caching_norms, _merging
+from dora_jax.adapters import inference_norm as whole_norm
+from dora_jax.config import DoRAConfig, LayerSettings
+from dora_jax.linen.layers import DoRAMixin
+from dora_jax.linen.variables import module_path
+from dora_jax.linen.wrap import ADAPTABLE, DoRAModel
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFacts:
+    """One adapted layer of a model, as a trace sees it (static facts, no arrays)."""
+
+    path: tuple[str, ...]  # scope path: where its params and adapters are nested
+    kernel_name: str  # "kernel", or "embedding" for Embed
+    kernel_shape: tuple[int, ...]  # inside the trace: without stacked (scan / vmap) axes
+    settings: LayerSettings
+    equation: str | None = None  # Einsum's, which orders the kernel's axes
+
+    def layout(self, kernel: Array, lora_a: Array, lora_b: Array) -> ops.Layout:
+        """The layout of the stored kernel: its leading stacked axes are batch axes."""
+        n_stack = kernel.ndim - len(self.kernel_shape)
+        if n_stack < 0 or tuple(kernel.shape[n_stack:]) != self.kernel_shape:
+            raise ValueError(
+                f"{'/'.join(self.path)}: stored {self.kernel_name} {tuple(kernel.shape)} does "
+                f"not end with the traced shape {self.kernel_shape}; stacked axes (nn.scan, "
+                f"nn.vmap) must lead."
+            )
+        if self.equation is not None:
+            inner = ops.einsum_layout(self.equation)
+        else:  # (*batch, *in, *out) with lora_a (*batch, *in, r), lora_b (*batch, r, *out)
+            n_a, n_b = lora_a.ndim - n_stack - 1, lora_b.ndim - n_stack - 1
+            n_batch = n_a + n_b - len(self.kernel_shape)
+            inner = ops.dense_general_layout(n_batch, n_a - n_batch, n_b - n_batch)
+        shift = lambda axes: tuple(a + n_stack for a in axes)  # noqa: E731
+        return ops.Layout(
+            tuple(range(n_stack)) + shift(inner.batch_axes),
+            shift(inner.in_axes),
+            shift(inner.out_axes),
+        )
+
+
+def adapted_layers(
+    module: Any, variables: Mapping[str, Any], *args, method=None, **kwargs
+) -> list[LayerFacts]:
+    r"""The adapted layers of ``module`` (DoRA layers, or a :func:`wrap`\ ped model's
+    targets) met by ``apply(variables, *args, method=method, **kwargs)``.
+
+    The model is traced for shapes only (``jax.eval_shape``): nothing is computed.
+    """
+    config = module.config if isinstance(module, DoRAModel) else None
+    found: dict[tuple[str, ...], LayerFacts] = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        out = next_fun(*call_args, **call_kwargs)
+        if context.method_name not in ("__call__", "attend"):
+            return out
+        facts = _facts(context.module, config, call_args, call_kwargs)
+        if facts is not None:
+            found.setdefault(facts.path, facts)
+        return out
+
+    def run(variables):
+        with nn.intercept_methods(record):
+            return module.apply(variables, *args, method=method, **kwargs)
+
+    jax.eval_shape(run, dict(variables))
+    return list(found.values())
+
+
+def _facts(layer: nn.Module, config: DoRAConfig | None, args, kwargs) -> LayerFacts | None:
+    path = module_path(layer)
+    if isinstance(layer, DoRAMixin):
+        settings = LayerSettings(**{name: getattr(layer, name) for name in SETTINGS})
+    elif config is not None and path and type(layer) in ADAPTABLE and config.is_target(path):
+        settings = config.settings(path)
+    else:
+        return None
+    kernel_name = "embedding" if isinstance(layer, nn.Embed) else "kernel"
+    kernel = layer.get_variable("params", kernel_name)
+    if kernel is None:  # a method that never read the kernel
+        return None
+    equation = None
+    if isinstance(layer, nn.Einsum):
+        given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+        equation = nn.merge_param("einsum_str", layer.einsum_str, given).replace(" ", "")
+    return LayerFacts(
+        path=tuple(layer.scope.path),
+        kernel_name=kernel_name,
+        kernel_shape=tuple(kernel.shape),
+        settings=settings,
+        equation=equation,
+    )
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree.get(key, {}) if isinstance(tree, Mapping) else {}
+    return tree
+
+
+def _with(tree: Mapping[str, Any], path: tuple[str, ...], values: Mapping[str, Any]) -> dict:
+    """A copy of ``tree`` with ``values`` set in the dict at ``path``."""
+    tree = dict(tree)
+    if not path:
+        return {**tree, **values}
+    tree[path[0]] = _with(tree.get(path[0], {}), path[1:], values)
+    return tree
+
+
+def _each_layer(
+    module: Any,
+    variables: Mapping[str, Any],
+    args,
+    kwargs,
+    compute: Callable[[LayerFacts, Array, Adapters, ops.Layout], Mapping[str, Any]],
+    collection: str,
+    dora_only: bool = True,
+) -> dict[str, Any]:
+    """The ``collection`` tree with ``compute(...)``'s values set at every adapted layer."""
+    out = dict(variables.get(collection, {}))
+    for facts in adapted_layers(module, variables, *args, **kwargs):
+        if dora_only and not facts.settings.use_dora:
+            continue
+        params = _get(variables.get("params", {}), facts.path)
+        dora = _get(variables.get(DORA, {}), facts.path)
+        cache = _get(variables.get(DORA_CACHE, {}), facts.path)
+        kernel = params[facts.kernel_name]
+        adapters = Adapters(
+            dora["lora_a"], dora["lora_b"], dora.get("magnitude"), cache.get(BASE_NORM_SQ)
+        )
+        layout = facts.layout(kernel, adapters.lora_a, adapters.lora_b)
+        out = _with(out, facts.path, compute(facts, kernel, adapters, layout))
+    return out
 
 
 def recompute_magnitudes(
     module: Any, variables: Mapping[str, Any], *args, **kwargs
 ) -> dict[str, Any]:
-    """Recompute every magnitude from the base weights now in ``variables``.
+    r"""Recompute every magnitude from the base weights now in ``variables``.
 
     Pretrained weights usually arrive after ``init``: load them into
     ``variables["params"]``, then call this with the same example inputs as ``init``.
     The magnitudes become ``||W0 + s*A@B||_c`` of the loaded ``W0`` and the current
     adapters (PEFT's initialisation), so with ``B = 0`` the model equals the base.
-    Works for models built from DoRA layers and for :func:`wrap`\\ ped models.
+    Works for models built from DoRA layers and for :func:`wrap`\ ped models.
 
     Caches are never left stale: a ``base_norm_sq`` cache in ``variables`` is
     recomputed from the params given, and the inference norm cache
@@ -41,21 +183,24 @@ def recompute_magnitudes(
     Returns:
       a new variables dict; ``lora_a`` and ``lora_b`` are kept.
     """
-    kept = dict(variables)
-    had_cache = has_leaf(kept.pop(DORA_CACHE, {}), BASE_NORM_SQ)
-    kept[DORA] = drop_leaves(variables.get(DORA, {}), "magnitude")
-    token = _caching_base_norms.set(had_cache)
-    try:
-        _, updates = module.apply(kept, *args, mutable=[DORA, DORA_CACHE, "params"], **kwargs)
-    finally:
-        _caching_base_norms.reset(token)
-    return {**kept, **updates}
+
+    def magnitude(facts, kernel, adapters, layout):
+        m = ops.init_magnitude(
+            kernel, adapters.lora_a, adapters.lora_b, facts.settings.scale, layout
+        )
+        return {"magnitude": m.astype(facts.settings.adapter_dtype)}
+
+    new = {**variables, DORA: _each_layer(module, variables, args, kwargs, magnitude, DORA)}
+    if has_leaf(variables.get(DORA_CACHE, {}), BASE_NORM_SQ):
+        return cache_base_norms(module, new, *args, **kwargs)
+    new.pop(DORA_CACHE, None)
+    return new
 
 
 def cache_base_norms(
     module: Any, variables: Mapping[str, Any], *args, method=None, **kwargs
 ) -> dict[str, Any]:
-    """``variables`` plus ``dora_cache/base_norm_sq``: each layer's ``||W0||_c^2``.
+    r"""``variables`` plus ``dora_cache/base_norm_sq``: each layer's ``||W0||_c^2``.
 
     The cache depends on ``variables["params"]`` exactly as given here and on nothing
     else; it saves squaring the frozen ``W0`` in every training step (the step computes
@@ -63,9 +208,9 @@ def cache_base_norms(
     loading pretrained weights), and call it again whenever they change: a cache made
     from other params gives wrong outputs. ``init`` never creates it.
 
-    Runs the model once on the example inputs ``args`` (any batch size), with ``method``
-    and ``kwargs`` as ``apply`` takes them, to visit every adapted layer. Works for
-    models built from DoRA layers and for :func:`wrap`\\ ped models.
+    Traces the model for shapes on the example inputs ``args`` (any batch size), with
+    ``method`` and ``kwargs`` as ``apply`` takes them, to find every adapted layer.
+    Works for models built from DoRA layers and for :func:`wrap`\ ped models.
 
     Returns:
       a new variables dict; any ``dora_cache`` given is replaced (an inference norm
@@ -73,15 +218,13 @@ def cache_base_norms(
     """
     kept = dict(variables)
     kept.pop(DORA_CACHE, None)
-    token = _caching_base_norms.set(True)
-    try:
-        _, updates = module.apply(
-            kept, *args, method=method, mutable=[DORA_CACHE, "params"], **kwargs
-        )
-    finally:
-        _caching_base_norms.reset(token)
-    if DORA_CACHE in updates:  # absent when no layer uses DoRA (plain LoRA)
-        kept[DORA_CACHE] = updates[DORA_CACHE]
+
+    def base_norm_sq(facts, kernel, adapters, layout):
+        return {BASE_NORM_SQ: ops.column_norm_sq(kernel, layout)}
+
+    cache = _each_layer(module, kept, args, {"method": method, **kwargs}, base_norm_sq, DORA_CACHE)
+    if cache:  # empty when no layer uses DoRA (plain LoRA)
+        kept[DORA_CACHE] = cache
     return kept
 
 
@@ -95,12 +238,14 @@ def cache_norms(module: Any, variables: Mapping[str, Any], *args, **kwargs) -> d
     and use the result for inference, not training (:func:`dora_jax.train.partition`
     drops it). ``init`` never creates it.
     """
-    token = _caching_norms.set(True)
-    try:
-        _, updates = module.apply(variables, *args, mutable=[DORA_CACHE, "params"], **kwargs)
-    finally:
-        _caching_norms.reset(token)
-    return {**variables, DORA_CACHE: updates[DORA_CACHE]}
+
+    def norm(facts, kernel, adapters, layout):
+        return {INFERENCE_NORM: whole_norm(kernel, adapters, facts.settings, layout)}
+
+    return {
+        **variables,
+        DORA_CACHE: _each_layer(module, variables, args, kwargs, norm, DORA_CACHE),
+    }
 
 
 def merge_params(
@@ -109,19 +254,18 @@ def merge_params(
     """Fold every adapter into its kernel: plain params for the unadapted model.
 
     ``W' = m / ||W0 + s*A@B||_c * (W0 + s*A@B)`` per layer, in float32, cast once to
-    the kernel's dtype. Runs the model once on the example inputs ``args`` (any batch
-    size) to visit every adapted layer, scanned layers included.
+    the kernel's dtype. Traces the model for shapes on the example inputs ``args`` (any
+    batch size) to find every adapted layer, scanned layers included.
 
     Returns:
       ``params`` for the unwrapped model (or the plain Flax layers the DoRA layers
       extend), e.g. ``model.apply({"params": merge_params(wrapped, variables, x)}, x)``.
     """
-    token = _merging.set(True)
-    try:
-        _, updates = module.apply(variables, *args, mutable=["params"], **kwargs)
-    finally:
-        _merging.reset(token)
-    return updates["params"]
+
+    def merged(facts, kernel, adapters, layout):
+        return {facts.kernel_name: merged_kernel(kernel, adapters, facts.settings, layout)}
+
+    return _each_layer(module, variables, args, kwargs, merged, "params", dora_only=False)
 
 
 def summary(variables: Mapping[str, Any], config: DoRAConfig | None = None):

@@ -1,9 +1,8 @@
-"""Adapter variables of Linen layers: where they live (stores), how they are created,
-and :class:`Adapter`, which runs one layer's adapted forward."""
+"""BoundAdapter variables of Linen layers: where they live (stores), how they are created,
+and :class:`BoundAdapter`, which runs one layer's adapted forward."""
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from collections.abc import Callable
 
@@ -29,12 +28,6 @@ RESERVED_PREFIX = "dora_"  # wrapped models: adapters are params named dora_<nam
 # A store reads or creates one adapter variable: (name, init) -> value; caches are
 # optional (None if absent), and init=None only reads.
 Store = Callable[[str, Callable[[], Array] | None], Array | None]
-
-_merging = contextvars.ContextVar("dora_jax_merging", default=False)
-_caching_norms = contextvars.ContextVar("dora_jax_caching_norms", default=False)
-# Set only by cache_base_norms (and recompute_magnitudes refreshing an existing cache):
-# the ||W0||_c^2 cache depends on the params, so nothing creates it implicitly.
-_caching_base_norms = contextvars.ContextVar("dora_jax_caching_base_norms", default=False)
 
 
 def describe(module: nn.Module) -> str:
@@ -125,27 +118,14 @@ def create_adapters(
             f"(lora_a {lora_a.shape}, lora_b {lora_b.shape})."
         )
     if settings.use_dora:
-        cache_init = None
-        if _caching_base_norms.get():
-            cache_init = lambda: ops.column_norm_sq(kernel, layout)  # noqa: E731
-        base_norm_sq = store(BASE_NORM_SQ, cache_init)
+        # Caches are only read: the whole-model helpers (dora_jax.linen.models) make them.
+        base_norm_sq = store(BASE_NORM_SQ, None)
         if base_norm_sq is not None and base_norm_sq.shape != m_shape:
             raise ValueError(
                 f"{where}: cached {BASE_NORM_SQ} has shape {base_norm_sq.shape}, expected "
                 f"{m_shape} for kernel {kernel.shape}."
             )
-        norm_init = None
-        if _caching_norms.get():
-            norm_init = lambda: ops.dora_norm(  # noqa: E731
-                kernel,
-                lora_a,
-                lora_b,
-                settings.scale,
-                layout,
-                base_norm_sq=base_norm_sq,
-                eps=settings.eps,
-            )
-        norm = store(INFERENCE_NORM, norm_init)
+        norm = store(INFERENCE_NORM, None)
     return Adapters(lora_a, lora_b, magnitude, base_norm_sq, norm)
 
 
@@ -154,12 +134,12 @@ def _identity(v: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Adapter:
+class BoundAdapter:
     """One layer's DoRA adapter: where its variables live and how it runs.
 
     Calling it with the layer's kernel and linear maps gives the adapted output without
-    bias (:func:`dora_jax.ops.adapter_forward`); while :func:`merge_params` runs, it
-    instead writes the merged kernel back and returns the plain layer's output.
+    bias (:func:`dora_jax.ops.adapter_forward`). It has no other mode: merging and the
+    norm caches are functions of the variables (:mod:`dora_jax.linen.models`).
     """
 
     module: nn.Module
@@ -194,18 +174,6 @@ class Adapter:
         dense_like: bool = False,
     ) -> Array:
         lora_a, lora_b, magnitude, base_norm_sq, norm = adapters or self.variables(kernel, layout)
-        if _merging.get():
-            merged = ops.merge(
-                kernel,
-                lora_a,
-                lora_b,
-                magnitude,
-                self.settings.scale,
-                layout,
-                eps=self.settings.eps,
-            )
-            self.module.put_variable("params", self.kernel_name, merged)
-            return apply_kernel(x, merged)
         return adapted_output(
             x,
             kernel,

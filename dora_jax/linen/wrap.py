@@ -24,7 +24,7 @@ from dora_jax.adapters import (
 from dora_jax.config import DoRAConfig
 from dora_jax.linen import calls
 from dora_jax.linen.layers import DoRAMixin
-from dora_jax.linen.variables import RESERVED_PREFIX, Adapter, _merging, module_path, params_store
+from dora_jax.linen.variables import RESERVED_PREFIX, BoundAdapter, module_path, params_store
 
 Array = jax.Array
 
@@ -44,10 +44,10 @@ class _Trace:
 
 
 def _dropout_from_rng(module: nn.Module, rate: float) -> Callable[[Array], Array | None]:
-    """Adapter dropout in a wrapped model: active when apply gets a ``"dropout"`` rng."""
+    """BoundAdapter dropout in a wrapped model: active when apply gets a ``"dropout"`` rng."""
 
     def dropped(x: Array) -> Array | None:
-        if rate == 0.0 or not module.has_rng("dropout") or _merging.get():
+        if rate == 0.0 or not module.has_rng("dropout"):
             return None
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
         return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
@@ -77,7 +77,7 @@ def _intercept(config: DoRAConfig, trace: _Trace, next_fun, args, kwargs, contex
     settings = config.settings(path)
     kind = type(module)
     a_init, b_init = default_inits(kind is nn.Embed)
-    adapter = Adapter(
+    adapter = BoundAdapter(
         module=module,
         settings=settings,
         store=params_store(module),
@@ -116,7 +116,7 @@ class DoRAModel:
     Made by :func:`wrap`. ``init`` and ``apply`` take the model's own arguments (and
     Flax's ``method=``, ``rngs=``, ``mutable=`` ...); variables hold ``"params"``
     (exactly the model's), ``"dora"`` (trainable adapters, nested like the params) and,
-    only after :func:`cache_base_norms`, ``"dora_cache"``. Adapter dropout runs when
+    only after :func:`cache_base_norms`, ``"dora_cache"``. BoundAdapter dropout runs when
     ``apply`` is given a ``"dropout"`` rng.
 
     The wrapper is not a Linen module and has no scope of its own: ``init`` and ``apply``
