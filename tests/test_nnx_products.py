@@ -5,7 +5,8 @@ to bfloat16, as a quantised product would) or with ``precision=HIGHEST`` becomes
 layer (through ``apply_dora``) that multiplies ``x @ W0``, ``x @ A`` and ``(x @ A) @ B``
 with it. Checked against the float64 reference computed the same way (operands rounded
 to bfloat16 before each product) and against the jaxpr (every product of the forward
-carries the layer's precision).
+carries the layer's precision). A custom ``conv_general_dilated`` and ``einsum_op`` are
+used the same way (counted).
 """
 
 from __future__ import annotations
@@ -112,3 +113,39 @@ def test_preferred_element_type_gives_the_flax_layers_output_dtype():
     assert y.dtype == expected_dtype == jnp.float32
     exact = reference_output(model.fc, x, round_operands=False)
     assert ref.relative_error(np.asarray(y), exact) <= 2e-2
+
+
+def _counting(op, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(args[0] if isinstance(args[0], str) else None)
+        return op(*args, **kwargs)
+
+    return counted
+
+
+def test_a_custom_conv_and_einsum_op_are_used():
+    """``conv_general_dilated`` runs ``x * W0`` and ``x * A``; ``einsum_op`` runs all three
+    products (``W0``, ``A``, ``B``), with the adapted equations for ``A`` and ``B``."""
+    conv_calls, einsum_calls = [], []
+
+    class Net(nnx.Module):
+        def __init__(self):
+            rngs = nnx.Rngs(0)
+            conv_op = _counting(jax.lax.conv_general_dilated, conv_calls)
+            self.conv = nnx.Conv(3, 4, (3, 3), conv_general_dilated=conv_op, rngs=rngs)
+            einsum_op = _counting(jnp.einsum, einsum_calls)
+            self.mix = nnx.Einsum("bhwc,cd->bhwd", (4, 5), einsum_op=einsum_op, rngs=rngs)
+
+        def __call__(self, x):
+            return self.mix(self.conv(x))
+
+    x = jax.random.normal(jax.random.key(6), (2, 5, 5, 3))
+    model = Net()
+    base = model(x)
+    conv_calls.clear(), einsum_calls.clear()
+    config = DoRAConfig(targets=["conv", "mix"], rank=2)
+    model = dora_nnx.apply_dora(model, config, rngs=nnx.Rngs(1))
+    adapted = model(x)
+    assert len(conv_calls) == 2
+    assert einsum_calls == ["bhwc,cd->bhwd", "bhwc,ca->bhwa", "bhwa,ad->bhwd"]
+    assert ref.relative_error(np.asarray(adapted), np.asarray(base)) <= 1e-6  # B = 0
