@@ -1,6 +1,6 @@
 """Numerical parity of the Linen DoRA layers with HuggingFace PEFT (``use_dora=True``).
 
-PEFT is the reference users compare against (DESIGN.md section 2), so for ``nn.Linear``,
+PEFT is the reference users compare against (docs/design.md section 2), so for ``nn.Linear``,
 ``nn.Conv2d`` and ``nn.Embedding`` wrapped by PEFT we copy the very same weights into
 ``DoRADense``, ``DoRAConv`` and ``DoRAEmbed`` (Flax <-> PEFT conventions: transposed
 kernels and factors, NHWC against NCHW) and compare, in float32 on CPU:
