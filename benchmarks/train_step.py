@@ -83,7 +83,7 @@ def build(variant: str, model: Classifier, params, batch, rank: int):
         variables = dora_jax.linen.cache_base_norms(wrapped, variables, *inputs(batch))
         trainable, frozen = train.partition(variables, config)
         forward = train.linen_forward(wrapped, inputs)
-    step = train.jit_step(train.make_train_step(forward, cross_entropy, optimizer))
+    step = train.jit_step(train.make_train_step(forward, cross_entropy, optimizer), donate=True)
     state = train.init_state(trainable, optimizer)
     compiled = step.lower(state, frozen, batch).compile()
     return compiled, state, frozen, train.tree_size(trainable)
