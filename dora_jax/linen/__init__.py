@@ -32,7 +32,7 @@ The frozen linear map (padding, dilation, precision, dtype promotion) is Flax's 
 plain Flax layer runs on ``W0`` and on ``A``; the DoRA math is :mod:`dora_jax.ops`.
 """
 
-from dora_jax.adapters import DORA, DORA_CACHE, INFERENCE_NORM, drop_leaves
+from dora_jax.adapters import DORA, DORA_CACHE
 from dora_jax.linen.layers import (
     DoRAConv,
     DoRADense,
@@ -51,10 +51,6 @@ from dora_jax.linen.models import (
     summary,
 )
 from dora_jax.linen.wrap import DoRAModel, join_adapters, split_adapters, wrap
-
-# Names dora_jax.train imports from here (dora_jax.adapters defines them).
-NORM = INFERENCE_NORM
-_drop_leaves = drop_leaves
 
 __all__ = [
     "DORA",
