@@ -1,10 +1,10 @@
 """Linen and NNX DoRA layers compute the same outputs and adapter gradients.
 
-Each case builds an NNX layer, gives it non-trivial adapters (random ``B``, perturbed
-magnitude), copies every weight into the matching Linen layer's variables, and compares
-outputs and the gradients of ``lora_a``, ``lora_b`` and ``magnitude``, jitted and not,
-on a float32 and a bfloat16 base. The NNX layer also trains through the standard
-``nnx.LoRAParam`` filter.
+Each case (Dense, DenseGeneral, strided Conv, an Einsum with a batch axis, Embed) builds
+an NNX layer, gives it non-trivial adapters (random ``B``, perturbed magnitude), copies
+every weight into the matching Linen layer's variables, and compares outputs and the
+gradients of ``lora_a``, ``lora_b`` and ``magnitude``, jitted and not, on a float32 and a
+bfloat16 base. The NNX layer also trains through the standard ``nnx.LoRAParam`` filter.
 """
 
 import flax.linen as nn
@@ -49,6 +49,15 @@ def _case(kind: str, dtype):
             x,
             "kernel",
         )
+    if kind == "einsum":  # a batch axis (h) in the kernel, output axes in another order
+        x = jax.random.normal(jax.random.key(1), (2, 3, 4, 6))
+        equation = "bthd,hdk->bkth"
+        return (
+            dora_nnx.DoRAEinsum(equation, (4, 6, 5), (5, 4), rngs=rngs, **common),
+            dora_jax.DoRAEinsum(shape=(4, 6, 5), einsum_str=equation, **common),
+            x,
+            "kernel",
+        )
     ids = jnp.array([[0, 3, 9], [2, 2, 7]])
     return (
         dora_nnx.DoRAEmbed(10, 6, rngs=rngs, **common),
@@ -74,7 +83,7 @@ def _linen_variables(layer, base_name: str) -> dict:
     return {"params": params, "dora": adapters}
 
 
-@pytest.mark.parametrize("kind", ["dense", "dense_general", "conv", "embed"])
+@pytest.mark.parametrize("kind", ["dense", "dense_general", "conv", "einsum", "embed"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_linen_and_nnx_agree(kind, dtype, jit):
