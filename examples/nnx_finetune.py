@@ -121,7 +121,7 @@ def main(argv=None) -> dict[str, float]:
         dora_jax.nnx.apply_dora(fresh, dora_peft.load_config(folder), rngs=nnx.Rngs(2))
         dora_peft.load_pretrained(folder, fresh)
     reloaded = float(jnp.mean(jnp.argmax(fresh(test), axis=-1) == predictions))
-    merged = dora_jax.nnx.merge(model)
+    merged = dora_jax.nnx.merge_adapters(model)
     assert all(type(layer) is nnx.Linear for layer in merged.hidden)
     same_merged = float(jnp.mean(jnp.argmax(merged(test), axis=-1) == predictions))
     print(

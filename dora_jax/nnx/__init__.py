@@ -32,8 +32,6 @@ from dora_jax.nnx.surgery import (
     update_from_linen_variables,
 )
 
-# The name used before merge_adapters (it reads as flax.nnx.merge); kept for old code.
-merge = merge_adapters
 
 __all__ = [
     "DORA_CLASSES",
