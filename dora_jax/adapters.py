@@ -99,6 +99,7 @@ def adapted_output(
         base_norm_sq=adapters.base_norm_sq,
         norm=adapters.inference_norm,
         eps=settings.eps,
+        stacking=settings.stacking,
         **maps,
     )
 

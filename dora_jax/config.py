@@ -35,6 +35,7 @@ class LayerSettings:
     detach_norm: bool = True
     eps: float = ops.DEFAULT_EPS
     adapter_dtype: Any = jnp.float32
+    stacking: ops.Stacking = ops.Stacking()
 
     @property
     def scale(self) -> float:
@@ -64,6 +65,9 @@ class DoRAConfig:
       modules_to_save: layers (names matched as path suffixes) whose base parameters
         are trained in full, such as a new classifier head.
       adapter_dtype: dtype of the adapters (float32 by default, as PEFT).
+      stacking: when a Dense-like layer computes ``x @ W0`` and ``A^T W0`` as one
+        product (:class:`dora_jax.ops.Stacking`; by default the backend's measured
+        threshold). It changes speed only, never the result beyond rounding.
     """
 
     targets: Patterns
@@ -79,6 +83,7 @@ class DoRAConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Sequence[str] = ()
     adapter_dtype: Any = jnp.float32
+    stacking: ops.Stacking = ops.Stacking()
 
     def __post_init__(self):
         for name in ("targets", "exclude"):
@@ -113,6 +118,8 @@ class DoRAConfig:
             floating = False
         if not floating:
             raise _type_error("adapter_dtype", "a floating dtype", self.adapter_dtype)
+        if not isinstance(self.stacking, ops.Stacking):
+            raise _type_error("stacking", "a dora_jax.ops.Stacking", self.stacking)
 
     def __hash__(self):  # dicts inside: hash by value so configs can be static arguments
         return hash(repr(self))

@@ -25,6 +25,8 @@ Three facts keep DoRA as cheap as LoRA:
   stacked ``[x; A^T]`` with ``W0`` (:func:`kernel_products`), so ``W0`` is read once;
   except when ``x`` and ``W0`` are both constants of the traced function (closed over,
   not arguments): XLA then computes ``x @ W0`` at compile time, as it does for LoRA.
+  When to stack is the :class:`Stacking` argument of :func:`adapter_forward`; its
+  default reads :data:`DEFAULT_STACK_ROWS_PER_OUTPUT` for the backend.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+import types
 from collections.abc import Callable, Sequence
 
 import jax
@@ -41,6 +45,62 @@ import numpy as np
 Array = jax.Array
 
 DEFAULT_EPS = 1e-6
+
+# Stack A^T under x (one read of W0) while x has at most this many rows per output
+# feature, per platform: the saved read of W0 (in x out) then outweighs copying x
+# (rows x in) into the stacked operand. Measured on XLA's CPU backend: it pays up to
+# about half as many rows as features. Elsewhere unmeasured (on a GPU the r extra rows
+# may also cost a tile of the big product), so other platforms take the plain path.
+# Read-only: a different choice is a :class:`Stacking` argument, not an edit here.
+DEFAULT_STACK_ROWS_PER_OUTPUT = types.MappingProxyType({"cpu": 0.5})
+
+
+def default_stack_rows(platform: str) -> float:
+    """The rows per output feature up to which ``platform`` stacks by default
+    (:data:`DEFAULT_STACK_ROWS_PER_OUTPUT`; 0, never, where unmeasured)."""
+    return DEFAULT_STACK_ROWS_PER_OUTPUT.get(platform, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stacking:
+    """When :func:`adapter_forward` computes ``x @ W0`` and ``A^T W0`` as one product.
+
+    Only Dense-like maps (``x (..., in)`` times a kernel ``(in, out)``) with ``x`` in the
+    kernel's dtype ever stack (:func:`kernel_products`); this says for which sizes.
+
+    Attributes:
+      rows_per_output: stack while ``x`` has at most this many rows (tokens) per output
+        feature. ``None`` (the default): the backend's measured threshold,
+        :func:`default_stack_rows` of ``jax.default_backend()`` (0.5 on the CPU, 0 on
+        other backends, i.e. never). ``0``: never; ``math.inf``: always.
+      constants: stack even when ``x`` and ``W0`` are both concrete arrays (closed over
+        by a jitted function, not its arguments). Off by default: XLA then computes
+        ``x @ W0`` once, at compile time, which stacking would prevent.
+
+    >>> Stacking(rows_per_output=0.0)  # never stack
+    Stacking(rows_per_output=0.0, constants=False)
+    """
+
+    rows_per_output: float | None = None
+    constants: bool = False
+
+    def __post_init__(self):
+        rows = self.rows_per_output
+        if rows is not None and (
+            isinstance(rows, bool) or not isinstance(rows, numbers.Real) or not rows >= 0
+        ):
+            raise ValueError(
+                f"Stacking: rows_per_output must be None (the backend's default) or a "
+                f"number >= 0 (0 never stacks, math.inf always); got {rows!r}."
+            )
+        if not isinstance(self.constants, bool):
+            raise ValueError(f"Stacking: constants must be a bool; got {self.constants!r}.")
+
+    def limit(self) -> float:
+        """Rows per output feature up to which to stack, on the current backend."""
+        if self.rows_per_output is None:
+            return default_stack_rows(jax.default_backend())
+        return float(self.rows_per_output)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,6 +486,7 @@ def adapter_forward(
     base_norm_sq: Array | None = None,
     norm: Array | None = None,
     eps: float = DEFAULT_EPS,
+    stacking: Stacking = Stacking(),
 ) -> Array:
     """The adapted layer's output without bias, for any linear layer.
 
@@ -443,18 +504,24 @@ def adapter_forward(
       layout, scale: the kernel's :class:`Layout` and the LoRA scaling.
       apply_lora_a: ``(x, A) -> x @ A`` when ``A`` needs another map than ``W0``.
       dense_like: the map contracts ``x``'s last axis with a kernel ``(in, out)``, so
-        ``x @ W0`` and ``A^T W0`` may share one read of ``W0`` (:func:`kernel_products`);
-        they do not when ``x`` and ``kernel`` are both concrete arrays (not tracers).
+        ``x @ W0`` and ``A^T W0`` may share one read of ``W0`` (:func:`kernel_products`)
+        when ``stacking`` says so.
       x_dropped: the dropped-out input in training with dropout, else ``None``.
       detach_norm: constant-C gradient (default) or the exact gradient.
       base_norm_sq: cached ``||W0||_c^2`` (see :func:`column_norm_sq`).
       norm: the whole norm ``||W0 + s*A@B||_c`` cached for inference, or ``None``.
       eps: norm floor.
+      stacking: when a ``dense_like`` map stacks (:class:`Stacking`; the default is
+        the backend's measured threshold, never with ``x`` and ``kernel`` both concrete).
     Returns:
       ``y - bias`` of the adapted layer (see :func:`combine`).
     """
     a_t_w = None
-    if magnitude is not None and norm is None and _stacking_pays(dense_like, x, lora_a, kernel):
+    if (
+        magnitude is not None
+        and norm is None
+        and _stacking_pays(stacking, dense_like, x, lora_a, kernel)
+    ):
         # With the norm detached A gets no gradient through A^T W0: say so, or the
         # backward pass would multiply a zero cotangent by W0^T.
         a_for_norm = jax.lax.stop_gradient(lora_a) if detach_norm else lora_a
@@ -483,18 +550,15 @@ def adapter_forward(
     return combine(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
 
 
-# Stack A^T under x (one read of W0) while x has at most this many rows per output
-# feature, per platform: the saved read of W0 (in x out) then outweighs copying x
-# (rows x in) into the stacked operand. Measured on XLA's CPU backend: it pays up to
-# about half as many rows as features. Elsewhere unmeasured (on a GPU the r extra rows
-# may also cost a tile of the big product), so other platforms take the plain path.
-STACK_ROWS_PER_OUTPUT: dict[str, float] = {"cpu": 0.5}
-
-
-def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> bool:
+def _stacking_pays(
+    stacking: Stacking, dense_like: bool, x: Array, lora_a: Array, kernel: Array
+) -> bool:
+    if not isinstance(stacking, Stacking):
+        raise TypeError(f"adapter_forward: stacking must be an ops.Stacking; got {stacking!r}.")
     if not dense_like or kernel.ndim != 2 or lora_a.ndim != 2:
         return False
-    if not isinstance(x, jax.core.Tracer) and not isinstance(kernel, jax.core.Tracer):
+    concrete = not isinstance(x, jax.core.Tracer) and not isinstance(kernel, jax.core.Tracer)
+    if concrete and not stacking.constants:
         # Both closed over by a jitted function (not its arguments): x @ W0 is then a
         # constant that XLA computes once, at compile time. Stacking A^T under x would
         # make it depend on A and cost the product in every step.
@@ -504,8 +568,7 @@ def _stacking_pays(dense_like: bool, x: Array, lora_a: Array, kernel: Array) -> 
     # rounded to bfloat16 (the unstacked path accumulates it to float32), far finer than
     # the bfloat16 W' PEFT takes the norm of, and the only way XLA's CPU backend
     # multiplies the r rows of A^T without first converting all of W0 to float32.
-    limit = STACK_ROWS_PER_OUTPUT.get(jax.default_backend(), 0.0)
-    return x.dtype == kernel.dtype and rows <= limit * kernel.shape[-1]
+    return x.dtype == kernel.dtype and rows <= stacking.limit() * kernel.shape[-1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

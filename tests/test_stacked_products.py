@@ -1,12 +1,15 @@
 """Reading ``W0`` once: the stacked ``concat([x, A^T]) @ W0`` path against float64.
 
 On the CPU, for few tokens per rank, Dense layers compute ``x @ W0`` and the norm's
-``A^T W0`` as one product under a custom VJP (:func:`dora_jax.ops.kernel_products`).
+``A^T W0`` as one product under a custom VJP (:func:`dora_jax.ops.kernel_products`);
+when is the layer's ``stacking`` setting (:class:`dora_jax.ops.Stacking`), no global.
 Both that path and the plain one must give the reference forward and gradients, for the
 detached and the exact norm and in bfloat16, and the stacked VJP must equal plain
 autodiff for every input (the kernel included). A layer's own ``dot_general`` is never
 handed the stacked operand.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,10 @@ import pytest
 import reference
 
 import dora_jax
+from dora_jax import nnx as dora_nnx
 from dora_jax import ops
+
+ALWAYS, NEVER = ops.Stacking(rows_per_output=math.inf), ops.Stacking(rows_per_output=0.0)
 
 
 def _layer_case(tokens: int):
@@ -42,12 +48,13 @@ def _uses_stacked_product(fn, *args) -> bool:
     [(True, "float32"), (False, "float32"), (True, "bfloat16")],
     ids=["detached", "exact", "detached-bfloat16"],
 )
-def test_forward_and_gradients_match_reference(monkeypatch, stack, detach_norm, dtype):
+def test_forward_and_gradients_match_reference(stack, detach_norm, dtype):
     """bfloat16 layers stack too (in bfloat16: XLA's CPU backend would otherwise convert
     all of ``W0`` to float32 for the r-row product) and stay within bfloat16 error."""
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 1e6 if stack else 0.0})
     layer, variables, dora, x, cotangent = _layer_case(tokens=6)
-    layer = layer.clone(detach_norm=detach_norm, dtype=dtype, param_dtype=dtype)
+    layer = layer.clone(
+        detach_norm=detach_norm, dtype=dtype, param_dtype=dtype, stacking=ALWAYS if stack else NEVER
+    )
     params = jax.tree.map(lambda p: p.astype(dtype), variables["params"])
     x = x.astype(dtype)
     tolerance = 1e-5 if dtype == "float32" else 2e-2
@@ -98,10 +105,10 @@ def test_stacked_vjp_equals_autodiff_for_every_input():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_custom_dot_general_is_never_stacked(monkeypatch):
+def test_custom_dot_general_is_never_stacked():
     """A layer's own ``dot_general`` (say, a quantised one) must see ``x`` alone."""
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 1e6})
     layer, variables, dora, x, _ = _layer_case(tokens=6)
+    layer = layer.clone(stacking=ALWAYS)
     custom = layer.clone(dot_general=jax.lax.dot_general)
 
     def output(layer):
@@ -115,19 +122,30 @@ def test_custom_dot_general_is_never_stacked(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "x_closed, kernel_closed, stacked",
-    [(True, True, False), (False, True, True), (True, False, True), (False, False, True)],
-    ids=["both-closed-over", "kernel-closed-over", "input-closed-over", "arguments"],
+    "x_closed, kernel_closed, constants, stacked",
+    [
+        (True, True, False, False),
+        (True, True, True, True),
+        (False, True, False, True),
+        (True, False, False, True),
+        (False, False, False, True),
+    ],
+    ids=[
+        "both-closed-over",
+        "both-closed-over-constants",
+        "kernel-closed-over",
+        "input-closed-over",
+        "arguments",
+    ],
 )
-def test_closed_over_input_and_kernel_are_not_stacked(
-    monkeypatch, x_closed, kernel_closed, stacked
-):
+def test_closed_over_input_and_kernel_are_not_stacked(x_closed, kernel_closed, constants, stacked):
     """With ``x`` and ``W0`` both closed over by the jitted function, ``x @ W0`` is a
     constant XLA folds at compile time (LoRA's first layer then costs no product at all);
-    stacking ``A^T`` under ``x`` would make it depend on ``A``. Otherwise it stacks.
-    Either way the numbers are the same."""
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 1e6})
+    stacking ``A^T`` under ``x`` would make it depend on ``A``. Otherwise it stacks, and
+    ``Stacking(constants=True)`` stacks even then. Either way the numbers are the same."""
     layer, variables, dora, x, cotangent = _layer_case(tokens=6)
+    plain_layer = layer.clone(stacking=NEVER)
+    layer = layer.clone(stacking=ops.Stacking(rows_per_output=math.inf, constants=constants))
     params = variables["params"]
 
     def loss(dora, *args):
@@ -144,10 +162,78 @@ def test_closed_over_input_and_kernel_are_not_stacked(
     value, grads = step(dora, *args)
 
     def plain_loss(dora, params, x):
-        return jnp.sum(layer.apply({"params": params, "dora": dora}, x) * cotangent)
+        return jnp.sum(plain_layer.apply({"params": params, "dora": dora}, x) * cotangent)
 
-    monkeypatch.setattr(ops, "STACK_ROWS_PER_OUTPUT", {"cpu": 0.0})
+    assert not _uses_stacked_product(plain_loss, dora, params, x)
     want_value, want_grads = jax.jit(jax.value_and_grad(plain_loss))(dora, params, x)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     for name, want in want_grads.items():
         np.testing.assert_allclose(grads[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "stacking, rows, stacked",
+    [
+        (ops.Stacking(), 5, True),  # the CPU's default: up to 0.5 rows per output feature
+        (ops.Stacking(), 6, False),
+        (ops.Stacking(rows_per_output=1.0), 10, True),
+        (ops.Stacking(rows_per_output=1.0), 11, False),
+        (NEVER, 1, False),
+        (ALWAYS, 1000, True),
+    ],
+)
+def test_rows_per_output_threshold(stacking, rows, stacked):
+    """A Dense layer with 10 output features stacks up to ``rows_per_output * 10`` rows."""
+    layer, variables, dora, _, _ = _layer_case(tokens=1)
+    layer = layer.clone(stacking=stacking)
+    x = jnp.ones((rows, 12))
+
+    def output(dora, x):
+        return layer.apply({"params": variables["params"], "dora": dora}, x)
+
+    assert _uses_stacked_product(output, dora, x) is stacked
+
+
+def test_default_threshold_is_per_backend_and_read_only():
+    assert ops.default_stack_rows("cpu") == 0.5
+    assert ops.default_stack_rows("gpu") == 0.0  # unmeasured: never
+    assert ops.Stacking().limit() == ops.default_stack_rows(jax.default_backend())
+    with pytest.raises(TypeError):
+        ops.DEFAULT_STACK_ROWS_PER_OUTPUT["cpu"] = 1.0  # type: ignore[index]
+    assert not hasattr(ops, "STACK_ROWS_PER_OUTPUT")
+
+
+def test_stacking_set_per_layer_in_config_and_nnx():
+    """``DoRAConfig(stacking=...)`` reaches every wrapped layer; NNX takes it as a keyword."""
+    import flax.linen as nn
+    from flax import nnx
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10, name="proj")(x)
+
+    x = jnp.ones((2, 12))
+    model = Model()
+    params = model.init(jax.random.key(0), x)["params"]
+    for stacking, stacked in ((ALWAYS, True), (NEVER, False)):
+        config = dora_jax.DoRAConfig(targets=["proj"], rank=3, stacking=stacking)
+        assert config.settings("proj").stacking == stacking
+        wrapped = dora_jax.linen.wrap(model, config)
+        variables = wrapped.init_from_params(jax.random.key(1), params, x)
+        assert "dora" in variables
+        assert _uses_stacked_product(wrapped.apply, variables, x) is stacked
+        layer = dora_nnx.DoRALinear(12, 10, rank=3, stacking=stacking, rngs=nnx.Rngs(0))
+        assert layer.stacking == stacking
+        assert _uses_stacked_product(layer, x) is stacked
+
+
+def test_bad_stacking_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"Stacking: rows_per_output .* got -1"):
+        ops.Stacking(rows_per_output=-1)
+    with pytest.raises(ValueError, match="Stacking: constants must be a bool"):
+        ops.Stacking(constants=1)
+    with pytest.raises(TypeError, match=r"DoRAConfig: stacking must be a dora_jax.ops.Stacking"):
+        dora_jax.DoRAConfig(targets=".*", stacking=0.5)
+    with pytest.raises(TypeError, match="stacking must be an ops.Stacking; got 0.5"):
+        dora_jax.DoRADense(4, rank=2, stacking=0.5).init(jax.random.key(0), jnp.ones((1, 4)))

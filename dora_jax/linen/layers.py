@@ -53,6 +53,8 @@ class DoRAMixin(_settings_fields(nn.Module)):
       eps: floor of the norm, so all-zero output features stay finite.
       adapter_dtype: dtype of ``lora_a``, ``lora_b`` and ``magnitude`` (float32 even on
         a low-precision base, as PEFT).
+      stacking: when ``x @ W0`` and ``A^T W0`` are one product
+        (:class:`dora_jax.ops.Stacking`; default: the backend's measured threshold).
       deterministic: disables dropout; may also be given at call time.
       lora_a_init: initializer of ``A``; default Kaiming-uniform as PEFT
         (zeros for embeddings).

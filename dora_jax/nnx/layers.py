@@ -105,7 +105,7 @@ class DoRALayer:
 
     DoRA arguments (keyword-only in every layer): the fields of
     :class:`~dora_jax.config.LayerSettings` (``rank``, ``alpha``, ``dropout``,
-    ``rslora``, ``use_dora``, ``detach_norm``, ``eps``, ``adapter_dtype``), and
+    ``rslora``, ``use_dora``, ``detach_norm``, ``eps``, ``adapter_dtype``, ``stacking``), and
     ``lora_a_init``, ``lora_b_init`` (PEFT's initialisers by default). The settings are
     ``layer.settings``; each is also an attribute (``layer.rank``).
     """
