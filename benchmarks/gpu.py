@@ -35,7 +35,8 @@ array in bfloat16 (``DoRADense(..., param_dtype=bfloat16, dtype=bfloat16)``; the
     * ``DoRA step, stacked``: where the rule measured on the CPU would stack ``x`` and
       ``A^T`` into one product with ``W0`` (tokens at most half the output features),
       the DoRA step with that product enabled on this platform too
-      (``ops.STACK_ROWS_PER_OUTPUT``), to decide whether GPUs should stack.
+      (``stacking=ops.Stacking(rows_per_output=0.5)``, the CPU's default), to decide
+      whether GPUs should stack.
 
     A timed batch is several back-to-back calls with one ``block_until_ready`` at the
     end (so launch latency is amortised), divided by the number of calls.
@@ -57,26 +58,17 @@ rank-r terms (``flop ratio`` column). Memory is XLA's
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import math
-import platform
-import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
-# The repository's own package, also when it is not installed, and memory.py beside this.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import memory as xla_memory  # noqa: E402
+import harness
+import memory as xla_memory
 
 # Before JAX starts XLA: dump the training steps, for their peak live buffers.
 XLA_DUMPS = xla_memory.dump_xla("step")
 
-import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -107,13 +99,7 @@ SMOKE_CONFIG = Config(
 )
 DTYPE = jnp.bfloat16
 MAX_INNER = 32  # calls per timed batch at most
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
+DEFAULT_STACKING = ops.Stacking()  # the backend's own threshold
 
 
 def gpu_available() -> bool:
@@ -126,7 +112,13 @@ def gpu_available() -> bool:
 # ----- model ---------------------------------------------------------------------------
 
 
-def make_layer(features: int, rank: int, use_dora: bool, name: str | None = None):
+def make_layer(
+    features: int,
+    rank: int,
+    use_dora: bool,
+    name: str | None = None,
+    stacking: ops.Stacking = DEFAULT_STACKING,
+):
     return dora_jax.DoRADense(
         features,
         rank=rank,
@@ -136,6 +128,7 @@ def make_layer(features: int, rank: int, use_dora: bool, name: str | None = None
         param_dtype=DTYPE,
         # B = 0 (the default) would make the check trivial in A; values do not change timing.
         lora_b_init=nn.initializers.normal(0.02),
+        stacking=stacking,
         name=name,
     )
 
@@ -146,12 +139,14 @@ class GainedLayer(nn.Module):
     features: int
     rank: int
     use_dora: bool
+    stacking: ops.Stacking = DEFAULT_STACKING
 
     @nn.compact
     def __call__(self, x):
         gain = self.variable("dora", "gain", lambda: jnp.ones((x.shape[-1],), jnp.float32))
         h = (x.astype(jnp.float32) * gain.value).astype(DTYPE)
-        return make_layer(self.features, self.rank, self.use_dora, name="layer")(h)
+        layer = make_layer(self.features, self.rank, self.use_dora, "layer", self.stacking)
+        return layer(h)
 
 
 def flops(tokens: int, fan_in: int, fan_out: int, rank: int) -> dict[str, float]:
@@ -224,26 +219,23 @@ def memory(compiled) -> tuple[float, float]:
     return get("temp_size_in_bytes"), get("argument_size_in_bytes")
 
 
-class Timed:
-    """A compiled program and how to run it ``n`` times back to back, blocking once."""
+class Timed(harness.Timed):
+    """A compiled program; a step runs it ``inner`` times back to back, blocking once."""
 
     def __init__(self, name: str, compiled, run):
-        self.name = name
+        super().__init__(name, lambda: run(self.inner))
         self.temp_bytes, self.arg_bytes = memory(compiled)
-        self._run = run
-        self.inner = 1  # calls per timed batch
         self.estimate = math.nan  # seconds of one blocking call after warm-up
         self.state: dict[str, Any] = {}  # a training step's rolling state
-        self.per_call: list[float] = []  # seconds per call, one value per timed batch
         self.peak: xla_memory.PeakLive | None = None  # XLA's peak live set, if known
 
-    def run(self, n: int) -> float:
-        start = time.perf_counter()
-        self._run(n)
-        return time.perf_counter() - start
-
-    def timed_batch(self) -> None:
-        self.per_call.append(self.run(self.inner) / self.inner)
+    def warm_up(self, target_batch_s: float) -> None:
+        """Two untimed calls, then ``inner`` calls per batch to last ``target_batch_s``."""
+        self.rounds, self.inner = [], 2
+        self.run(1, record=False)
+        self.inner = 1
+        ((self.estimate, _),) = self.run(1, record=False)
+        self.inner = max(1, min(MAX_INNER, math.ceil(target_batch_s / max(self.estimate, 1e-6))))
 
 
 def base_forward(kernel, x) -> Timed:
@@ -276,19 +268,7 @@ def train_step(name: str, model, x, trainable, frozen) -> Timed:
 
 
 STACKED = "DoRA step, stacked"
-CPU_STACKING = ops.STACK_ROWS_PER_OUTPUT["cpu"]
-
-
-@contextlib.contextmanager
-def stacking(rows_per_output: float):
-    """Let this platform stack ``[x; A^T] @ W0`` (see ``ops.STACK_ROWS_PER_OUTPUT``)."""
-    saved = dict(ops.STACK_ROWS_PER_OUTPUT)
-    ops.STACK_ROWS_PER_OUTPUT[jax.default_backend()] = rows_per_output
-    try:
-        yield
-    finally:
-        ops.STACK_ROWS_PER_OUTPUT.clear()
-        ops.STACK_ROWS_PER_OUTPUT.update(saved)
+CPU_STACKING = ops.Stacking(rows_per_output=ops.default_stack_rows("cpu"))
 
 
 class Result(NamedTuple):
@@ -337,23 +317,17 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
         train_step("LoRA step", lora_model, x, lora_trainable, lora_frozen),
         train_step("DoRA step", dora_model, x, dora_trainable, dora_frozen),
     ]
-    if tokens <= CPU_STACKING * fan_out:
+    if tokens <= CPU_STACKING.limit() * fan_out:
         # Where the CPU-measured rule stacks, time the stacked product here too.
-        with stacking(CPU_STACKING):
-            stacked = jax.tree.map(jnp.copy, variables["dora"])
-            runners.append(train_step(STACKED, dora_model, x, stacked, dora_frozen))
+        stacked_model = GainedLayer(fan_out, rank, use_dora=True, stacking=CPU_STACKING)
+        stacked = jax.tree.map(jnp.copy, variables["dora"])
+        runners.append(train_step(STACKED, stacked_model, x, stacked, dora_frozen))
     for r in runners:
-        r.per_call = []
-        r.run(2)  # warm-up
-        r.estimate = r.run(1)
-        r.inner = max(1, min(MAX_INNER, math.ceil(cfg.target_batch_s / max(r.estimate, 1e-6))))
+        r.warm_up(cfg.target_batch_s)
     setup_s = time.perf_counter() - t0
     round_s = sum(r.inner * r.estimate for r in runners)
     rounds = max(3, min(cfg.repeats, int(deadline_fn(setup_s) / max(round_s, 1e-6))))
-    for i in range(rounds):
-        shift = i % len(runners)
-        for r in runners[shift:] + runners[:shift]:
-            r.timed_batch()
+    harness.interleave(runners, rounds, steps=1, warmup=0)
     for r in runners[2:]:
         loss = float(r.state["loss"])
         if not math.isfinite(loss):
@@ -361,7 +335,7 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
     return Result(
         kernel=kernel,
         rank=rank,
-        ms={r.name: 1e3 * statistics.median(r.per_call) for r in runners},
+        ms={r.name: r.median_ms() for r in runners},
         flops=flops(tokens, fan_in, fan_out, rank),
         temp={r.name: r.temp_bytes for r in runners},
         args={r.name: r.arg_bytes for r in runners},
@@ -375,10 +349,6 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
 # ----- report ----------------------------------------------------------------------------
 
 
-def fmt_row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def mib(n: float) -> str:
     return "-" if math.isnan(n) else f"{n / 2**20:.1f}"
 
@@ -386,7 +356,7 @@ def mib(n: float) -> str:
 def build_table(results: list[Result], tokens: int) -> str:
     head = ["kernel", "rank", "what", "ms", "GFLOP", "TFLOP/s", "temp MiB", "argument MiB"]
     head += ["/ LoRA", "flop ratio"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for r in results:
         for name in r.ms:
             ms, fl = r.ms[name], r.flops[name]
@@ -396,14 +366,14 @@ def build_table(results: list[Result], tokens: int) -> str:
             flop_ratio = fl / r.flops["LoRA step"]
             dora = name.startswith("DoRA")
             row += [f"{ratio:.3f}", f"{flop_ratio:.4f}"] if dora else ["", ""]
-            lines.append(fmt_row(row))
-    return "\n".join(lines)
+            rows.append(row)
+    return harness.table(head, rows)
 
 
 def build_summary(results: list[Result], tokens: int) -> str:
     head = ["kernel", "rank", "DoRA/LoRA step", "stacked DoRA/LoRA", "flop ratio", "1 + r/(2N)"]
     head += ["DoRA - LoRA temp MiB", "one N x out activation MiB", "max rel. err", "rounds"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for r in results:
         fan_out = r.kernel[1]
         row = [f"{r.kernel[0]}x{r.kernel[1]}", r.rank]
@@ -414,26 +384,26 @@ def build_summary(results: list[Result], tokens: int) -> str:
         activation = tokens * fan_out * jnp.dtype(DTYPE).itemsize
         row += [mib(r.temp["DoRA step"] - r.temp["LoRA step"]), mib(activation)]
         row += [f"{max(r.errors.values()):.1e}", r.rounds]
-        lines.append(fmt_row(row))
-    return "\n".join(lines)
+        rows.append(row)
+    return harness.table(head, rows)
 
 
 def build_peak_table(results: list[Result], tokens: int) -> str:
     """XLA's peak live set of the two steps, and its activation-sized buffers."""
     head = ["kernel", "rank", "LoRA peak MiB", "DoRA peak MiB", "DoRA - LoRA MiB"]
     head += ["LoRA buffers >= half an activation", "DoRA buffers >= half an activation"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for r in results:
         lora, dora = r.peaks["LoRA step"], r.peaks["DoRA step"]
         row = [f"{r.kernel[0]}x{r.kernel[1]}", r.rank]
         if lora is None or dora is None:
-            lines.append(fmt_row(row + ["-"] * 5))
+            rows.append(row + ["-"] * 5)
             continue
         half = tokens * r.kernel[1] * jnp.dtype(DTYPE).itemsize // 2
         row += [mib(lora.bytes), mib(dora.bytes), mib(dora.bytes - lora.bytes)]
         row += [lora.largest(half) or "-", dora.largest(half) or "-"]
-        lines.append(fmt_row(row))
-    return "\n".join(lines)
+        rows.append(row)
+    return harness.table(head, rows)
 
 
 def main(argv=None) -> int:
@@ -468,10 +438,7 @@ def main(argv=None) -> int:
     if args.repeats:
         cfg = cfg._replace(repeats=args.repeats)
     device = jax.devices("cpu")[0] if args.cpu_smoke else jax.devices("gpu")[0]
-    print(
-        f"jax {jax.__version__}, jaxlib {_version('jaxlib')}, "
-        f"flax {flax.__version__}, optax {optax.__version__}, Python {platform.python_version()}"
-    )
+    print(harness.banner("jax", "jaxlib", "flax", "optax", backend=False))
     print(
         f"device: {device.device_kind} ({device.platform}, {len(jax.devices(device.platform))} "
         f"device(s)){'  [--cpu-smoke: tiny shapes]' if args.cpu_smoke else ''}"

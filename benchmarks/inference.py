@@ -19,13 +19,10 @@ Medians over interleaved rounds; ratios are against unmerged LoRA from the same 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import time
+import functools
 
-import flax
 import flax.linen as nn
+import harness
 import jax
 import jax.numpy as jnp
 
@@ -86,40 +83,27 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=5, help="calls per variant per round")
     args = parser.parse_args(argv)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"jax {jax.__version__}, flax {flax.__version__}, backend {jax.default_backend()}, "
-        f"{cpus} CPUs, Python {platform.python_version()}, load {os.getloadavg()[0]:.2f}"
-    )
+    print(harness.banner("jax", "flax", load=True))
     names = ("base", "merged", "lora", "dora-cached", "dora")
     rows = []
     for width, layers, tokens in SHAPES:
         compiled, x, same = variants(width, layers, tokens)
-        times = {name: [] for name in names}
-        for name in names:  # warm up
-            jax.block_until_ready(compiled[name][0](compiled[name][1], x))
-        for round_index in range(args.repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                fn, variables = compiled[name]
-                for _ in range(args.steps):
-                    start = time.perf_counter()
-                    jax.block_until_ready(fn(variables, x))
-                    times[name].append(time.perf_counter() - start)
-        median = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        rows.append((width, layers, tokens, median, same))
-    print(
-        "\n| width | layers | tokens | base ms | merged ms | merged / base | same program | "
-        "LoRA ms | DoRA cached ms | DoRA cached / LoRA | DoRA ms | DoRA / LoRA |"
-    )
-    print("|" + " --- |" * 12)
-    for width, layers, tokens, m, same in rows:
-        print(
-            f"| {width} | {layers} | {tokens} | {m['base']:.2f} | {m['merged']:.2f} | "
-            f"{m['merged'] / m['base']:.3f} | {'yes' if same else 'NO'} | {m['lora']:.2f} | "
-            f"{m['dora-cached']:.2f} | {m['dora-cached'] / m['lora']:.3f} | {m['dora']:.2f} | "
-            f"{m['dora'] / m['lora']:.3f} |"
-        )
+        timers = [
+            harness.Timed(name, functools.partial(_forward, *compiled[name], x)) for name in names
+        ]
+        harness.interleave(timers, args.repeats, args.steps, warmup=1)
+        m = {timer.name: timer.median_ms() for timer in timers}
+        row = [width, layers, tokens, f"{m['base']:.2f}", f"{m['merged']:.2f}"]
+        row += [f"{m['merged'] / m['base']:.3f}", "yes" if same else "NO", f"{m['lora']:.2f}"]
+        row += [f"{m['dora-cached']:.2f}", f"{m['dora-cached'] / m['lora']:.3f}"]
+        rows.append(row + [f"{m['dora']:.2f}", f"{m['dora'] / m['lora']:.3f}"])
+    head = ["width", "layers", "tokens", "base ms", "merged ms", "merged / base"]
+    head += ["same program", "LoRA ms", "DoRA cached ms", "DoRA cached / LoRA", "DoRA ms"]
+    print("\n" + harness.table(head + ["DoRA / LoRA"], rows))
+
+
+def _forward(fn, variables, x):
+    return jax.block_until_ready(fn(variables, x))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import collections
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -99,12 +98,10 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     folder = dump_xla()
+    import harness
     import jax
     import jax.numpy as jnp
     import optax
-
-    here = Path(__file__).resolve().parent
-    sys.path[:0] = [str(here.parent), str(here)]  # the repository's package, step_time.py
     import step_time
 
     def measure(name: str, width: int, layers: int, tokens: int) -> tuple[int, int | None]:
@@ -119,15 +116,14 @@ def main(argv=None) -> None:
 
     itemsize = jnp.dtype(args.dtype).itemsize
     print(
-        f"jax {jax.__version__}, backend {jax.default_backend()}, rank {step_time.RANK}, "
-        f"{args.dtype}; allowance = layers * tokens * out * {itemsize} B"
+        f"{harness.banner()}; rank {step_time.RANK}, {args.dtype}; "
+        f"allowance = layers * tokens * out * {itemsize} B"
     )
     head = ["width", "layers", "tokens", "allowance B", "LoRA temp B", "DoRA temp B"]
     head += ["temp: DoRA - LoRA - allowance", "LoRA peak live B", "DoRA peak live B"]
     head += ["peak: DoRA - LoRA - allowance", "per layer, in units of out * 4 B"]
     head += ["peak: DoRA - LoRA, activations per layer"]
-    print(step_time.fmt_row(head))
-    print(step_time.fmt_row(["---"] * len(head)))
+    rows = []
     for width, layers, tokens in step_time.SHAPES:
         lora_temp, lora_peak = measure("lora", width, layers, tokens)
         dora_temp, dora_peak = measure("dora", width, layers, tokens)
@@ -140,7 +136,8 @@ def main(argv=None) -> None:
             excess = dora_peak - lora_peak - allowance
             row += [lora_peak, dora_peak, excess, f"{excess / (layers * width * 4):.2f}"]
             row.append(f"{(dora_peak - lora_peak) / allowance:.2f}")
-        print(step_time.fmt_row([str(c) for c in row]), flush=True)
+        rows.append(row)
+    print(harness.table(head, rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,25 +29,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import statistics
 import sys
 import time
-from pathlib import Path
 from typing import NamedTuple
 
-import flax
+import harness
 import jax
 import jax.numpy as jnp
 import optax
+from step_time import MLP, CompiledStep
 
-# The repository's own package, also when it is not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from step_time import MLP, load_average, make_step  # noqa: E402  (shared, same folder)
-
-import dora_jax  # noqa: E402
+import dora_jax
 
 ALPHA = 16.0
 BASE = {"width": 2048, "tokens": 256, "rank": 16}
@@ -72,46 +64,15 @@ terms of the norm (A^T W0, (A^T A) B), visible only when r is not small against 
 D x D temporary."""
 
 
-class Runner:
+def runner(use_dora: bool, width: int, layers: int, rank: int, x) -> CompiledStep:
     """One variant's compiled step and its (donated, rolling) state."""
-
-    def __init__(self, use_dora: bool, width: int, layers: int, rank: int, x):
-        model = MLP(width, layers, use_dora=use_dora, rank=rank)
-        variables = jax.jit(model.init)(jax.random.key(0), x)
-        if use_dora:  # the cached ||W0||_c^2 (LoRA has no norm)
-            variables = dora_jax.linen.cache_base_norms(model, variables, x)
-        self.frozen = {k: v for k, v in variables.items() if k != "dora"}
-        self.trainable = variables["dora"]
-        optimizer = optax.adamw(1e-4)
-        self.opt_state = optimizer.init(self.trainable)
-        self.x = x
-        start = time.perf_counter()
-        step, _ = make_step(model.apply, optimizer)
-        self.compiled = step.lower(self.trainable, self.opt_state, self.frozen, x).compile()
-        self.compile_s = time.perf_counter() - start
-        self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
-        self.rounds: list[list[float]] = []  # wall seconds per step
-        self.cpu: list[float] = []  # process CPU seconds per step
-        self.loss = math.nan
-
-    def run(self, steps: int, record: bool = True) -> list[float]:
-        times, cpu = [], []
-        for _ in range(steps):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            self.trainable, self.opt_state, loss = self.compiled(
-                self.trainable, self.opt_state, self.frozen, self.x
-            )
-            jax.block_until_ready((self.trainable, self.opt_state, loss))
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-        self.loss = float(loss)
-        if record:
-            self.rounds.append(times)
-            self.cpu.extend(cpu)
-        return times
-
-    def median_ms(self) -> float:
-        return 1e3 * statistics.median(t for r in self.rounds for t in r)
+    model = MLP(width, layers, use_dora=use_dora, rank=rank)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    if use_dora:  # the cached ||W0||_c^2 (LoRA has no norm)
+        variables = dora_jax.linen.cache_base_norms(model, variables, x)
+    frozen = {k: v for k, v in variables.items() if k != "dora"}
+    name = "dora" if use_dora else "lora"
+    return CompiledStep(name, model.apply, frozen, variables["dora"], x, optax.adamw(1e-4))
 
 
 class Point(NamedTuple):
@@ -131,29 +92,25 @@ class Point(NamedTuple):
 def measure(width, tokens, rank, layers, repeats, steps, min_round_ms) -> Point:
     start = time.perf_counter()
     x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
-    lora = Runner(False, width, layers, rank, x)
-    dora = Runner(True, width, layers, rank, x)
+    lora = runner(False, width, layers, rank, x)
+    dora = runner(True, width, layers, rank, x)
     lora.run(1, record=False)
     dora.run(1, record=False)
-    estimate = min(lora.run(1, record=False)[0], dora.run(1, record=False)[0])
+    estimate = min(lora.run(1, record=False)[0][0], dora.run(1, record=False)[0][0])
     per_round = max(steps, min(50, math.ceil(min_round_ms / 1e3 / max(estimate, 1e-6))))
-    for i in range(repeats):
-        for runner in (lora, dora) if i % 2 == 0 else (dora, lora):
-            runner.run(per_round)
-    if not (math.isfinite(lora.loss) and math.isfinite(dora.loss)):
-        raise AssertionError(f"non-finite loss: LoRA {lora.loss}, DoRA {dora.loss}")
-    paired = statistics.median(
-        statistics.median(d) / statistics.median(lo)
-        for d, lo in zip(dora.rounds, lora.rounds, strict=True)
-    )
+    for _, timed in harness.rotations((lora, dora), repeats):
+        timed.run(per_round)
+    losses = float(lora.last), float(dora.last)
+    if not all(map(math.isfinite, losses)):
+        raise AssertionError(f"non-finite loss: LoRA {losses[0]}, DoRA {losses[1]}")
     return Point(
         width=width,
         tokens=tokens,
         rank=rank,
         lora_ms=lora.median_ms(),
         dora_ms=dora.median_ms(),
-        paired=paired,
-        cpu_ratio=statistics.median(dora.cpu) / statistics.median(lora.cpu),
+        paired=harness.paired_ratio(dora, lora),
+        cpu_ratio=dora.cpu_ms() / lora.cpu_ms(),
         lora_temp=lora.temp_bytes,
         dora_temp=dora.temp_bytes,
         steps=repeats * per_round,
@@ -165,15 +122,11 @@ def predicted_ratio(layers: int, tokens: int, rank: int) -> float:
     return 1 + layers * rank / ((2 * layers - 1) * tokens)
 
 
-def fmt_row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def build_table(sweep: str, points: list[Point], layers: int) -> str:
     model = "1 + r/N" if layers == 1 else "1 + L*r/((2L-1)*N)"
     head = [sweep, "LoRA ms", "DoRA ms", "DoRA/LoRA", "paired", "CPU ratio", model]
     head += ["LoRA temp MiB", "DoRA temp MiB", "DoRA - LoRA MiB", "L*N*out*4 B MiB", "steps"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for p in points:
         row = [getattr(p, sweep), f"{p.lora_ms:.2f}", f"{p.dora_ms:.2f}"]
         row += [f"{p.dora_ms / p.lora_ms:.3f}", f"{p.paired:.3f}", f"{p.cpu_ratio:.3f}"]
@@ -181,8 +134,8 @@ def build_table(sweep: str, points: list[Point], layers: int) -> str:
         row += [f"{p.lora_temp / 2**20:.2f}", f"{p.dora_temp / 2**20:.2f}"]
         row += [f"{(p.dora_temp - p.lora_temp) / 2**20:.2f}"]
         row += [f"{layers * p.tokens * p.width * 4 / 2**20:.2f}", p.steps]
-        lines.append(fmt_row(row))
-    return "\n".join(lines)
+        rows.append(row)
+    return harness.table(head, rows)
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -227,12 +180,7 @@ def main(argv=None) -> int:
     values = {"width": args.widths, "tokens": args.tokens, "rank": args.ranks}
     base = dict(zip(("width", "tokens", "rank"), args.base, strict=True))
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
-        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {cpus} CPUs, "
-        f"Python {platform.python_version()}, load average {load_average()}"
-    )
+    print(harness.banner("jax", "flax", "optax", load=True))
     print(
         f"float32, {args.layers} layer(s), alpha {ALPHA:g}, AdamW; {args.repeats} interleaved "
         f"rounds of >= {args.steps} steps per variant\n"
@@ -258,7 +206,7 @@ def main(argv=None) -> int:
         fixed = ", ".join(f"{k} {v}" for k, v in base.items() if k != sweep)
         title = f"Varying {sweep} ({fixed}, {args.layers} layer(s)):"
         tables.append(title + "\n\n" + build_table(sweep, points, args.layers))
-    print(f"\nload average at end: {load_average()}\n")
+    print(f"\nload average at end: {harness.load_average()}\n")
     print("\n\n".join(tables))
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
     if args.markdown:

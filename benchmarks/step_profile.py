@@ -36,24 +36,12 @@ import re
 import statistics
 import sys
 import tempfile
-import time
-from pathlib import Path
 
+import harness
 import jax
 import jax.numpy as jnp
 import optax
-
-# The repository's own package, also when it is not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from step_time import (  # noqa: E402  (shared, same folder)
-    PATTERNS,
-    RANK,
-    Runner,
-    fmt_row,
-    load_average,
-    parse_shapes,
-)
+from step_time import PATTERNS, RANK, Runner, add_variant_arguments, chosen_variants, parse_shapes
 
 INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (\S+) (\S+?)\((.*?)\)(?:,|$)")
 OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -101,12 +89,10 @@ def profile_interleaved(runners: list[Runner], rounds: int, steps: int) -> list[
     spans: list[tuple[int, int]] = []  # (runner index, round) in annotation order
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
-            for round_index in range(rounds):
-                shift = round_index % len(runners)
-                for index in list(range(len(runners)))[shift:] + list(range(shift)):
-                    with jax.profiler.TraceAnnotation(f"step_profile/{len(spans)}"):
-                        runners[index].run(steps)
-                    spans.append((index, round_index))
+            for round_index, index in harness.rotations(range(len(runners)), rounds):
+                with jax.profiler.TraceAnnotation(f"step_profile/{len(spans)}"):
+                    runners[index].run(steps)
+                spans.append((index, round_index))
         (path,) = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
         data = ProfileData.from_file(path)
     windows, events = [], []
@@ -195,18 +181,16 @@ def product_times(width: int, tokens: int, rounds: int) -> dict[str, float]:
             (x, a, w0),
         ),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn, args in cases.values():
-        fn(*args).block_until_ready()
-    for round_index in range(rounds):
-        names = list(cases)
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, args = cases[name]
-            start = time.perf_counter()
-            fn(*args).block_until_ready()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    timers = [
+        harness.Timed(name, functools.partial(_blocking, fn, args))
+        for name, (fn, args) in cases.items()
+    ]
+    harness.interleave(timers, rounds, steps=1, warmup=1)
+    return {timer.name: timer.median_ms() for timer in timers}
+
+
+def _blocking(fn, args):
+    return fn(*args).block_until_ready()
 
 
 def main(argv=None) -> None:
@@ -217,16 +201,7 @@ def main(argv=None) -> None:
         default=[(4096, 2, 128)],
         help="WIDTHxLAYERSxTOKENS (default: 4096x2x128)",
     )
-    parser.add_argument(
-        "--patterns",
-        default=",".join(PATTERNS),
-        help=f"comma-separated, from {', '.join(PATTERNS)} (default: all)",
-    )
-    parser.add_argument(
-        "--variants",
-        default="lora,dora-stacked,dora,dora-nocache",
-        help="step_time.py variants (default: %(default)s)",
-    )
+    add_variant_arguments(parser, "lora,dora-stacked,dora,dora-nocache", ",".join(PATTERNS))
     parser.add_argument(
         "--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)"
     )
@@ -235,13 +210,10 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     ((width, layers, tokens),) = args.shape
-    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    if set(patterns) - set(PATTERNS):
-        parser.error(f"--patterns takes {', '.join(PATTERNS)}")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants, patterns = chosen_variants(parser, args)
     print(
-        f"jax {jax.__version__}, backend {jax.default_backend()}, stack {width}x{layers}x"
-        f"{tokens}, {args.rounds} rounds x {args.steps} steps, load average {load_average()}",
+        f"{harness.banner(load=True)}; stack {width}x{layers}x{tokens}, "
+        f"{args.rounds} rounds x {args.steps} steps",
         flush=True,
     )
     x = jax.random.normal(jax.random.key(1), (tokens, width), jnp.float32)
@@ -255,28 +227,26 @@ def main(argv=None) -> None:
     head = ["pattern", "variant", "step ms (wall)", "sum of ops ms", "ops reading a W0"]
     head += ["their ms", "other products ms", "[x; A^T] stacked", "computed constants"]
     print("\nTime per step (medians over rounds; operations as jax.profiler times them):\n")
-    print(fmt_row(head))
-    print(fmt_row(["---"] * len(head)))
+    rows = []
     for (pattern, name), r in results.items():
         row = [pattern, name, f"{r['wall_ms']:.1f}", f"{r['total_ms']:.1f}"]
         row += [str(len(r["kernel_ops"])), f"{r['w0_ms']:.1f}", f"{r['products_ms']:.1f}"]
         row += ["yes" if r["concatenate"] else "no", ", ".join(r["folded"]) or "none"]
-        print(fmt_row(row))
+        rows.append(row)
+    print(harness.table(head, rows))
     head = ["pattern", "variant", "operation", "result", "where", "ms per step"]
     print("\nOperations reading a frozen kernel:\n")
-    print(fmt_row(head))
-    print(fmt_row(["---"] * len(head)))
+    rows = []
     for (pattern, name), r in results.items():
         for op, shape, place, opcode, ms in sorted(r["kernel_ops"], key=lambda k: k[2]):
             # XLA's CPU runtime runs a plain dot on its Eigen pool after the event closes.
             timed = f"{ms:.1f}" if opcode != "dot" else "(not timed: asynchronous dot)"
-            print(fmt_row([pattern, name, op, shape, place, timed]))
+            rows.append([pattern, name, op, shape, place, timed])
+    print(harness.table(head, rows))
     print(f"\nThe kernel products alone ({width}x{width} kernel, {tokens} tokens, rank {RANK}):\n")
-    print(fmt_row(["product", "median ms"]))
-    print(fmt_row(["---"] * 2))
-    for name, ms in product_times(width, tokens, args.rounds * args.steps).items():
-        print(fmt_row([name, f"{ms:.1f}"]))
-    print(f"\nload average at end: {load_average()}")
+    products = product_times(width, tokens, args.rounds * args.steps)
+    print(harness.table(["product", "median ms"], [[k, f"{v:.1f}"] for k, v in products.items()]))
+    print(f"\nload average at end: {harness.load_average()}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,13 @@ state and the optimizer state. Variants:
   ``W' = m * (W0 + s*A@B) / stop_gradient(||W0 + s*A@B||_c)`` and computes ``x @ W'``,
   what a direct port of PEFT does.
 
-Prototypes, only with ``--variants`` (not library code, kept to measure ideas from
-docs/design.md section 3 before anyone changes the library):
+Further variants, only with ``--variants``:
 
 * ``dora-nocache``: the library layer without the ``"dora_cache"`` collection, so
   ``||W0||_c^2`` is recomputed every step;
-* ``dora-fused``: the factored norm, but ``x @ W0`` and ``A^T @ W0`` as one product of
-  ``concat([x, A^T])`` with ``W0`` (``W0`` read once), under a ``custom_vjp`` whose
-  exact backward pass is written block by block, so that XLA keeps only ``dy @ W0^T``;
-* ``dora-concat``: the same stacked product with plain autodiff (no ``custom_vjp``): the
-  backward pass then also multiplies ``r`` padded rows of zeros by ``W0^T``;
+* ``dora-stacked``: the library layer with ``stacking=ops.Stacking(constants=True)``:
+  ``[x; A^T] @ W0`` stacked (:func:`dora_jax.ops.kernel_products`) wherever the
+  backend's threshold allows, even when ``x`` and ``W0`` are both constants;
 * ``magnitude-only``: a diagnostic, not DoRA: the magnitude scaling with the norm frozen
   at ``||W0||_c`` (no ``A^T @ W0``), i.e. what the magnitude's elementwise work and
   saved activation cost on their own, so the part of DoRA's overhead due to the norm is
@@ -43,12 +40,10 @@ tables, ratios against its own LoRA):
 * ``closure-batch``: the loss closes over the batch too (one fixed batch, as in that
   example): XLA then folds the first layer's ``x @ W0`` at compile time.
 
-Variants for these comparisons (with ``--variants``): ``dora-nocache`` (above; with a
+Variants for these comparisons (with ``--variants``): ``dora-nocache`` (with a
 constant ``W0`` XLA folds ``||W0||_c^2`` at compile time, so the cache changes the step
-nothing, only the compile time)
-and ``dora-stacked``, the library layer under the rule it had before it told constants
-apart: ``[x; A^T] @ W0`` stacked even when ``x`` and ``W0`` are both constants, which
-keeps XLA from folding ``x @ W0``.
+nothing, only the compile time) and ``dora-stacked`` (stacking keeps XLA from folding
+``x @ W0`` when the batch is a constant too).
 
 Step times are medians over interleaved rounds (every round runs each variant a few
 steps, in a rotating order, so background load hits all of them alike). A second table
@@ -61,19 +56,15 @@ less sensitive than wall time to other processes competing for the cores. Temp m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import math
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax
 import flax.linen as nn
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +77,7 @@ SHAPES = ((1024, 4, 512), (2048, 4, 256), (4096, 2, 128))
 RANK = 16
 ALPHA = 16.0
 MAIN_VARIANTS = ("lora", "dora", "materialised")
-EXTRA_VARIANTS = ("dora-nocache", "dora-fused", "dora-concat", "magnitude-only", "dora-stacked")
+EXTRA_VARIANTS = ("dora-nocache", "magnitude-only", "dora-stacked")
 # What the jitted step takes as arguments; the rest its loss function closes over.
 PATTERNS = {
     "argument": "the frozen variables and the batch are arguments of the jitted step",
@@ -107,6 +98,7 @@ class MLP(nn.Module):
     use_dora: bool = True
     rank: int = RANK
     dtype: Any = jnp.float32  # of the base weights and the computation
+    stacking: ops.Stacking = ops.Stacking()
 
     @nn.compact
     def __call__(self, x):
@@ -119,6 +111,7 @@ class MLP(nn.Module):
                 lora_b_init=nn.initializers.normal(0.02),
                 dtype=self.dtype,
                 param_dtype=self.dtype,
+                stacking=self.stacking,
                 name=f"layer_{i}",
             )
             x = jnp.tanh(layer(x))
@@ -137,58 +130,15 @@ def materialised_layer(x, params, dora, cache):
     return x @ (dora["magnitude"] * direction / norm) + params["bias"]
 
 
-@jax.custom_vjp
-def _base_and_a_t_w(x, lora_a, kernel):
-    """``(x @ W0, A^T @ W0)`` as one product ``concat([x, A^T]) @ W0`` (``x`` is 2-d)."""
-    stacked = jnp.concatenate([x, lora_a.T.astype(x.dtype)], axis=0) @ kernel
-    return stacked[: x.shape[0]], stacked[x.shape[0] :]
-
-
-def _base_and_a_t_w_fwd(x, lora_a, kernel):
-    return _base_and_a_t_w(x, lora_a, kernel), (x, lora_a, kernel)
-
-
-def _base_and_a_t_w_bwd(res, cotangents):
-    # The exact VJP, written per block so that each part is a separate product: with the
-    # norm detached the A^T @ W0 cotangent is zero and A is stop_gradient'ed, and the
-    # frozen kernel gets no gradient, so XLA removes everything but dy @ W0^T (autodiff
-    # through the concatenation instead multiplies r padded zero rows by W0^T too).
-    x, lora_a, kernel = res
-    d_base, d_a_t_w = cotangents
-    d_x = d_base @ kernel.T
-    d_lora_a = (d_a_t_w @ kernel.T).T.astype(lora_a.dtype)
-    d_kernel = x.T @ d_base + lora_a.astype(x.dtype) @ d_a_t_w
-    return d_x, d_lora_a, d_kernel.astype(kernel.dtype)
-
-
-_base_and_a_t_w.defvjp(_base_and_a_t_w_fwd, _base_and_a_t_w_bwd)
-
-
-def _stacked_base_and_a_t_w(x, lora_a, kernel):
-    a_t = lora_a.T.astype(x.dtype)
-    stacked = jnp.concatenate([x, a_t], axis=0) @ kernel
-    return stacked[: x.shape[0]], stacked[x.shape[0] :]
-
-
-def _factored_layer(x, params, dora, cache, base_and_a_t_w):
-    """Factored DoRA, detached norm, with ``(x @ W0, A^T @ W0)`` from ``base_and_a_t_w``."""
+def magnitude_only_layer(x, params, dora, cache):
+    """Not DoRA: the factored norm without its ``A^T W0`` term (detached), so the
+    magnitude's elementwise work and saved activation are timed on their own."""
     scale = ops.scaling(RANK, ALPHA)
     a, b, m = dora["lora_a"], dora["lora_b"], dora["magnitude"]
-    base_out, a_t_w = base_and_a_t_w(x, jax.lax.stop_gradient(a), params["kernel"])
-    cross = jnp.sum(b * a_t_w, axis=0)
     quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)
-    norm = ops.safe_sqrt(cache["base_norm_sq"] + 2.0 * scale * cross + scale * scale * quad)
+    norm = ops.safe_sqrt(cache["base_norm_sq"] + scale * scale * quad)
     g = m / jax.lax.stop_gradient(norm)
-    return g * (base_out + scale * ((x @ a) @ b)) + params["bias"]
-
-
-def _base_only(x, lora_a, kernel):
-    return x @ kernel, jnp.zeros((lora_a.shape[-1], kernel.shape[-1]), x.dtype)
-
-
-fused_layer = functools.partial(_factored_layer, base_and_a_t_w=_base_and_a_t_w)
-concat_layer = functools.partial(_factored_layer, base_and_a_t_w=_stacked_base_and_a_t_w)
-magnitude_only_layer = functools.partial(_factored_layer, base_and_a_t_w=_base_only)
+    return g * (x @ params["kernel"] + scale * ((x @ a) @ b)) + params["bias"]
 
 
 def functional_mlp(layer_fn):
@@ -210,10 +160,12 @@ def functional_mlp(layer_fn):
 def make_variant(name: str, width: int, layers: int, x):
     """``(apply, frozen, trainable)`` with ``apply(variables, x) -> y``."""
     use_dora = name != "lora"
-    model = MLP(width, layers, use_dora=use_dora, dtype=x.dtype)
+    # dora-stacked: stack even with x and W0 both constants (closure-batch).
+    stacking = ops.Stacking(constants=name == "dora-stacked")
+    model = MLP(width, layers, use_dora=use_dora, dtype=x.dtype, stacking=stacking)
     variables = model.init(jax.random.key(0), x)
     frozen = {"params": variables["params"]}
-    if name in ("dora", "dora-fused", "dora-concat", "magnitude-only", "dora-stacked"):
+    if name in ("dora", "magnitude-only", "dora-stacked"):
         cached = dora_jax.linen.cache_base_norms(model, variables, x)
         frozen["dora_cache"] = cached["dora_cache"]
     applies = {
@@ -222,8 +174,6 @@ def make_variant(name: str, width: int, layers: int, x):
         "dora-nocache": model.apply,
         "dora-stacked": model.apply,
         "materialised": functional_mlp(materialised_layer),
-        "dora-fused": functional_mlp(fused_layer),
-        "dora-concat": functional_mlp(concat_layer),
         "magnitude-only": functional_mlp(magnitude_only_layer),
     }
     return applies[name], frozen, variables["dora"]
@@ -253,49 +203,14 @@ def make_step(apply: Callable, optimizer: optax.GradientTransformation, closed_o
     return step, loss_fn
 
 
-class TimedSteps:
-    """A training step timed in rounds: ``(wall s, CPU s)`` per step, a list per round.
-
-    Subclasses define :meth:`step`, which runs one step to completion and returns its loss.
-    """
-
-    name = ""
-    first_loss = float("nan")  # the loss of the very first step, before any update
-
-    def __init__(self):
-        self.rounds: list[list[tuple[float, float]]] = []
-        self.steps_done = 0
-
-    def step(self):
-        raise NotImplementedError
-
-    def run(self, steps: int, record: bool = True) -> None:
-        times = []
-        for _ in range(steps):
-            wall, cpu = time.perf_counter(), time.process_time()
-            loss = self.step()
-            times.append((time.perf_counter() - wall, time.process_time() - cpu))
-            if self.steps_done == 0:
-                self.first_loss = float(loss)
-            self.steps_done += 1
-        if record:
-            self.rounds.append(times)
-
-    def wall(self) -> list[float]:
-        return [w for r in self.rounds for w, _ in r]
-
-    def cpu(self) -> list[float]:
-        return [c for r in self.rounds for _, c in r]
-
-
-class CompiledStep(TimedSteps):
+class CompiledStep(harness.Timed):
     """A jit-compiled training step of :func:`make_step` and its (donated, rolling) state."""
 
     def __init__(
         self, name: str, apply: Callable, frozen, trainable, x, optimizer, pattern="argument"
     ):
-        super().__init__()
-        self.name, self.frozen, self.x = name, frozen, x
+        super().__init__(name)
+        self.frozen, self.x = frozen, x
         closed_over = {
             "argument": {},
             "closure": {"frozen": frozen},
@@ -324,29 +239,8 @@ class Runner(CompiledStep):
 
     def __init__(self, name, width, layers, x, optimizer, pattern="argument"):
         apply, frozen, trainable = make_variant(name, width, layers, x)
-        rule = stacking_regardless_of_constants() if name == "dora-stacked" else None
-        with rule or contextlib.nullcontext():
-            super().__init__(name, apply, frozen, trainable, x, optimizer, pattern)
+        super().__init__(name, apply, frozen, trainable, x, optimizer, pattern)
         self.grad_fn = jax.jit(jax.value_and_grad(self.loss_fn))
-
-
-@contextlib.contextmanager
-def stacking_regardless_of_constants():
-    """The library's stacking rule before it told constants apart (``dora-stacked``):
-    stack ``[x; A^T] @ W0`` by shape alone, even when ``x`` and ``W0`` are constants."""
-
-    def rule(dense_like, x, lora_a, kernel):
-        if not dense_like or kernel.ndim != 2 or lora_a.ndim != 2:
-            return False
-        limit = ops.STACK_ROWS_PER_OUTPUT.get(jax.default_backend(), 0.0)
-        return x.dtype == kernel.dtype and math.prod(x.shape[:-1]) <= limit * kernel.shape[-1]
-
-    original = ops._stacking_pays
-    ops._stacking_pays = rule
-    try:
-        yield
-    finally:
-        ops._stacking_pays = original
 
 
 class Summary(NamedTuple):
@@ -366,10 +260,7 @@ def summarise(runner: Runner, lora: Runner | None) -> Summary:
     paired = cpu_ratio = float("nan")
     per_round = [paired]
     if lora is not None:
-        per_round = [
-            median(w for w, _ in mine) / median(w for w, _ in base)
-            for mine, base in zip(runner.rounds, lora.rounds, strict=True)
-        ]
+        per_round = harness.round_ratios(runner, lora)
         paired = median(per_round)
         cpu_ratio = median(runner.cpu()) / median(lora.cpu())
     return Summary(
@@ -424,12 +315,7 @@ def measure_shape(
         if check:
             print(f"  check{label}: {check_against_reference(group)}", flush=True)
     order = [runner for group in runners.values() for runner in group.values()]
-    for runner in order:
-        runner.run(2, record=False)
-    for round_index in range(repeats):
-        shift = round_index % len(order)
-        for runner in order[shift:] + order[:shift]:
-            runner.run(steps_per_round)
+    harness.interleave(order, repeats, steps_per_round)
     return {
         pattern: {name: summarise(r, group.get("lora")) for name, r in group.items()}
         for pattern, group in runners.items()
@@ -451,10 +337,6 @@ def stack_floor(layers: int, tokens: int, pattern: str = "argument") -> float:
     return 1 + layers * RANK / (big * tokens) if big else float("inf")
 
 
-def fmt_row(cells):
-    return "| " + " | ".join(cells) + " |"
-
-
 def build_table(results, variants):
     extra = [v for v in variants if v not in MAIN_VARIANTS]
     head = [
@@ -472,7 +354,7 @@ def build_table(results, variants):
     head += ["LoRA temp MiB", "DoRA temp MiB", "materialised temp MiB"]
     head += [f"{name} temp MiB" for name in extra]
     head += ["floor 1+r/(2N)", "stack floor"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for (width, layers, tokens), runs in results:
         lora = runs.get("lora")
         row = [str(width), str(layers), str(tokens)]
@@ -487,21 +369,21 @@ def build_table(results, variants):
             row.append(f"{run.temp_bytes / 2**20:.1f}" if run else "-")
         row.append(f"{1 + RANK / (2 * tokens):.3f}")
         row.append(f"{stack_floor(layers, tokens):.3f}")
-        lines.append(fmt_row(row))
-    return "\n".join(lines)
+        rows.append(row)
+    return harness.table(head, rows)
 
 
 def build_spread_table(results):
     head = ["width", "layers", "tokens", "variant", "median ms", "min ms"]
     head += ["paired ratio", "CPU ms", "CPU ratio", "temp MiB"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for (width, layers, tokens), runs in results:
         for name, run in runs.items():
             row = [str(width), str(layers), str(tokens), name]
             row += [f"{run.median_ms:.1f}", f"{run.min_ms:.1f}", f"{run.paired_ratio:.2f}"]
             row += [f"{run.cpu_ms:.1f}", f"{run.cpu_ratio:.2f}", f"{run.temp_bytes / 2**20:.1f}"]
-            lines.append(fmt_row(row))
-    return "\n".join(lines)
+            rows.append(row)
+    return harness.table(head, rows)
 
 
 def build_pattern_table(results, variants):
@@ -515,7 +397,7 @@ def build_pattern_table(results, variants):
     for name in others:
         head += [f"{name} ms", f"{name}/LoRA (spread)", f"{name} compile s"]
     head.append("stack floor")
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for (width, layers, tokens), by_pattern in results:
         for pattern, runs in by_pattern.items():
             lora = runs.get("lora")
@@ -530,8 +412,8 @@ def build_pattern_table(results, variants):
                 ratio = f"{run.paired_ratio:.2f} ({run.paired_low:.2f}-{run.paired_high:.2f})"
                 row += [f"{run.median_ms:.1f}", ratio if lora else "-", f"{run.compile_s:.1f}"]
             row.append(f"{stack_floor(layers, tokens, pattern):.3f}")
-            lines.append(fmt_row(row))
-    return "\n".join(lines)
+            rows.append(row)
+    return harness.table(head, rows)
 
 
 def parse_shapes(text: str):
@@ -562,21 +444,39 @@ def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_timing_arguments(parser)
+def add_variant_arguments(parser: argparse.ArgumentParser, variants: str, patterns: str):
+    """``--variants`` and ``--patterns`` (comma-separated), shared by the benchmarks."""
     parser.add_argument(
         "--variants",
-        default=",".join(MAIN_VARIANTS),
-        help=f"comma-separated, from {', '.join(MAIN_VARIANTS + EXTRA_VARIANTS)}",
+        default=variants,
+        help=f"comma-separated, from {', '.join(MAIN_VARIANTS + EXTRA_VARIANTS)} "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--patterns",
-        default="argument",
+        default=patterns,
         help="comma-separated, from "
         + "; ".join(f"{k}: {v}" for k, v in PATTERNS.items())
         + " (default: %(default)s)",
     )
+
+
+def chosen_variants(parser: argparse.ArgumentParser, args) -> tuple[list[str], list[str]]:
+    """``(variants, patterns)`` of :func:`add_variant_arguments`, checked."""
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(MAIN_VARIANTS + EXTRA_VARIANTS)
+    if not variants or unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; got {args.variants!r}")
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    if not patterns or set(patterns) - set(PATTERNS):
+        parser.error(f"--patterns takes {', '.join(PATTERNS)}; got {args.patterns!r}")
+    return variants, patterns
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_timing_arguments(parser)
+    add_variant_arguments(parser, ",".join(MAIN_VARIANTS), "argument")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument(
         "--no-check", action="store_true", help="skip the gradient check against the reference"
@@ -589,30 +489,18 @@ def main(argv=None) -> None:
         "only, no reference check)",
     )
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(MAIN_VARIANTS + EXTRA_VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}")
-    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    if not patterns or set(patterns) - set(PATTERNS):
-        parser.error(f"--patterns takes {', '.join(PATTERNS)}; got {args.patterns!r}")
+    variants, patterns = chosen_variants(parser, args)
     if args.dtype == "bfloat16":
         if set(variants) - {"lora", "dora", "materialised"}:
             parser.error("--dtype bfloat16 times the variants lora and dora only")
         variants = [v for v in variants if v != "materialised"]
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"jax {jax.__version__}, flax {flax.__version__}, "
-        f"optax {optax.__version__}, backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind}), {cpus} CPUs, Python {platform.python_version()}"
-    )
+    print(harness.banner("jax", "flax", "optax", load=True))
     print(
         f"rank {RANK}, {args.dtype}, AdamW, {args.repeats} rounds x {args.steps} steps per "
         f"variant, variants: {', '.join(variants)}, patterns: {', '.join(patterns)}",
         flush=True,
     )
-    print(f"load average at start: {load_average()}", flush=True)
     start = time.perf_counter()
     results = []
     for width, layers, tokens in args.shapes:
@@ -626,7 +514,7 @@ def main(argv=None) -> None:
             summary = ", ".join(f"{n} {r.median_ms:.1f} ms" for n, r in runs.items())
             print(f"  median{label}: {summary}", flush=True)
         results.append(((width, layers, tokens), by_pattern))
-    print(f"\nload average at end: {load_average()}")
+    print(f"\nload average at end: {harness.load_average()}")
     out = []
     for pattern in patterns:
         per_pattern = [(shape, by_pattern[pattern]) for shape, by_pattern in results]
@@ -647,13 +535,6 @@ def main(argv=None) -> None:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n\n".join(out) + "\n")
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

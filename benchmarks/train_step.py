@@ -20,25 +20,19 @@ same run. Memory is XLA's ``memory_analysis()`` of the compiled step.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import sys
 import time
-from pathlib import Path
 
-import flax
 import flax.linen as nn
+import harness
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import dora_jax
+from dora_jax import train
 
-from bert import Bert, BertConfig, mean_pool  # noqa: E402
-
-import dora_jax  # noqa: E402
-from dora_jax import train  # noqa: E402
+bert = harness.load_example("bert")
+Bert, BertConfig, mean_pool = bert.Bert, bert.BertConfig, bert.mean_pool
 
 TARGETS = ".*encoder/layer_[0-9]+/(attention/self/(query|key|value)|.*dense)"
 
@@ -97,11 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     args = parser.parse_args(argv)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
-        f"backend {jax.default_backend()}, {cpus} CPUs, Python {platform.python_version()}"
-    )
+    print(harness.banner("jax", "flax", "optax"))
     config = BertConfig()
     model = Classifier(config)
     key_ids, key_labels = jax.random.split(jax.random.key(0))
@@ -112,51 +102,42 @@ def main(argv=None) -> None:
     }
     params = model.init(jax.random.key(2), *inputs(batch))["params"]
     variants = ("full", "lora", "dora")
-    runs = {}
-    for name in variants:
-        compiled, state, frozen, size = build(name, model, params, batch, args.rank)
-        runs[name] = {"compiled": compiled, "state": state, "frozen": frozen, "size": size}
-        runs[name]["times"] = []
-        memory = compiled.memory_analysis()
-        runs[name]["temp"] = memory.temp_size_in_bytes
-        runs[name]["out"] = memory.output_size_in_bytes
-
-    def run(name, steps, record=True):
-        r = runs[name]
-        for _ in range(steps):
-            start = time.perf_counter()
-            r["state"], metrics = r["compiled"](r["state"], r["frozen"], batch)
-            jax.block_until_ready(metrics)
-            if record:
-                r["times"].append(time.perf_counter() - start)
-
-    for name in variants:
-        run(name, 2, record=False)  # warm up
+    runs = {
+        name: Step(name, *build(name, model, params, batch, args.rank), batch) for name in variants
+    }
     start = time.perf_counter()
-    for round_index in range(args.repeats):
-        order = variants[round_index % 3 :] + variants[: round_index % 3]
-        for name in order:
-            run(name, args.steps)
+    harness.interleave(list(runs.values()), args.repeats, args.steps)
     wall = time.perf_counter() - start
-    median = {name: 1e3 * statistics.median(r["times"]) for name, r in runs.items()}
+    median = {name: r.median_ms() for name, r in runs.items()}
     tokens = args.batch * args.seq
     print(
         f"\nBERT (MiniLM size), batch {args.batch} x seq {args.seq} = {tokens} tokens, "
         f"rank {args.rank}, float32, AdamW; medians of {args.repeats * args.steps} steps "
         f"in {args.repeats} interleaved rounds ({wall:.0f} s)\n"
     )
-    header = (
-        "| variant | trainable params | step ms | / LoRA | / full | XLA temp MiB | XLA output MiB |"
-    )
-    print(header)
-    print("|" + " --- |" * 7)
-    for name in variants:
-        r = runs[name]
-        print(
-            f"| {name} | {r['size']:,} | {median[name]:.1f} | "
-            f"{median[name] / median['lora']:.3f} | {median[name] / median['full']:.3f} | "
-            f"{r['temp'] / 2**20:.1f} | {r['out'] / 2**20:.1f} |"
-        )
+    head = ["variant", "trainable params", "step ms", "/ LoRA", "/ full", "XLA temp MiB"]
+    head.append("XLA output MiB")
+    rows = [
+        [name, f"{r.size:,}", f"{median[name]:.1f}", f"{median[name] / median['lora']:.3f}"]
+        + [f"{median[name] / median['full']:.3f}", f"{r.temp / 2**20:.1f}", f"{r.out / 2**20:.1f}"]
+        for name, r in runs.items()
+    ]
+    print(harness.table(head, rows))
+
+
+class Step(harness.Timed):
+    """A compiled training step of :mod:`dora_jax.train` and its rolling state."""
+
+    def __init__(self, name, compiled, state, frozen, size, batch):
+        super().__init__(name)
+        self.compiled, self.state, self.frozen = compiled, state, frozen
+        self.size, self.batch = size, batch
+        memory = compiled.memory_analysis()
+        self.temp, self.out = memory.temp_size_in_bytes, memory.output_size_in_bytes
+
+    def step(self):
+        self.state, metrics = self.compiled(self.state, self.frozen, self.batch)
+        return jax.block_until_ready(metrics)
 
 
 if __name__ == "__main__":

@@ -56,21 +56,15 @@ import sys
 import time
 from typing import NamedTuple
 
-import flax
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import peft
 import torch
-from step_time import (  # shared with the other benchmarks (same folder)
-    MLP,
-    CompiledStep,
-    TimedSteps,
-    add_timing_arguments,
-    load_average,
-    make_step,
-)
+from harness import Timed, paired_ratio
+from step_time import MLP, CompiledStep, add_timing_arguments, make_step
 
 import dora_jax
 from dora_jax import ops
@@ -212,10 +206,9 @@ def jax_variables(model: MLP, weights: Weights, x: jax.Array) -> dict:
 # ----- the steps --------------------------------------------------------------------------
 
 
-class TorchRunner(TimedSteps):
+class TorchRunner(Timed):
     def __init__(self, name: str, weights: Weights, x: torch.Tensor, use_dora: bool):
-        super().__init__()
-        self.name = name
+        super().__init__(name)
         self.model = peft_model(weights, use_dora)
         self.x = x
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -279,7 +272,7 @@ def check_against_peft(width: int, layers: int, tokens: int) -> str:
     return f"dora-jax matches PEFT at {shape} (max. rel. err {'; '.join(notes)})"
 
 
-def check_first_losses(runners: dict[str, TimedSteps]) -> str:
+def check_first_losses(runners: dict[str, Timed]) -> str:
     """The first step of each dora-jax variant against PEFT's: same weights, same loss."""
     notes = []
     for kind in ("lora", "dora"):
@@ -302,7 +295,7 @@ class Summary(NamedTuple):
     cpu_ms: float
 
 
-def summarise(runner: TimedSteps) -> Summary:
+def summarise(runner: Timed) -> Summary:
     return Summary(
         median_ms=1e3 * statistics.median(runner.wall()),
         min_ms=1e3 * min(runner.wall()),
@@ -310,14 +303,6 @@ def summarise(runner: TimedSteps) -> Summary:
         later_ms=1e3
         * statistics.median([w for r in runner.rounds for w, _ in r[1:]] or [math.nan]),
         cpu_ms=1e3 * statistics.median(runner.cpu()),
-    )
-
-
-def paired_ratio(num: TimedSteps, den: TimedSteps) -> float:
-    """Median over rounds of (``num``'s round median / ``den``'s round median)."""
-    return statistics.median(
-        statistics.median(w for w, _ in a) / statistics.median(w for w, _ in b)
-        for a, b in zip(num.rounds, den.rounds, strict=True)
     )
 
 
@@ -330,7 +315,7 @@ def measure_shape(width, layers, tokens, repeats, steps_per_round, seed) -> Shap
     weights = make_weights(width, layers, seed=seed)
     x_torch = torch.randn(tokens, width)
     x_jax = _to_jax(x_torch)
-    runners: dict[str, TimedSteps] = {
+    runners: dict[str, Timed] = {
         "peft-lora": TorchRunner("peft-lora", weights, x_torch, use_dora=False),
         "peft-dora": TorchRunner("peft-dora", weights, x_torch, use_dora=True),
         "jax-lora": jax_runner("jax-lora", weights, x_jax, use_dora=False),
@@ -343,11 +328,7 @@ def measure_shape(width, layers, tokens, repeats, steps_per_round, seed) -> Shap
         runner.run(2, record=False)
     print(f"  check: {check_first_losses(runners)}", flush=True)
     gc.collect()
-    order = list(runners.values())
-    for round_index in range(repeats):
-        shift = round_index % len(order)
-        for runner in order[shift:] + order[:shift]:
-            runner.run(steps_per_round)
+    harness.interleave(list(runners.values()), repeats, steps_per_round, warmup=0)
     paired = {
         "peft-dora/lora": paired_ratio(runners["peft-dora"], runners["peft-lora"]),
         "jax-dora/lora": paired_ratio(runners["jax-dora"], runners["jax-lora"]),
@@ -360,16 +341,12 @@ def measure_shape(width, layers, tokens, repeats, steps_per_round, seed) -> Shap
 # ----- output -----------------------------------------------------------------------------
 
 
-def fmt_row(cells):
-    return "| " + " | ".join(cells) + " |"
-
-
 def build_table(results):
     head = ["width", "layers", "tokens"]
     head += ["PEFT LoRA ms", "PEFT DoRA ms", "PEFT DoRA/LoRA"]
     head += ["dora-jax LoRA ms", "dora-jax DoRA ms", "dora-jax DoRA/LoRA"]
     head += ["PEFT DoRA / dora-jax DoRA"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for (width, layers, tokens), result in results:
         ms = {name: run.median_ms for name, run in result.runs.items()}
         row = [str(width), str(layers), str(tokens)]
@@ -378,15 +355,15 @@ def build_table(results):
         row += [f"{ms['jax-lora']:.1f}", f"{ms['jax-dora']:.1f}"]
         row += [f"{ms['jax-dora'] / ms['jax-lora']:.2f}"]
         row += [f"{ms['peft-dora'] / ms['jax-dora']:.2f}"]
-        lines.append(fmt_row(row))
-    return "\n".join(lines)
+        rows.append(row)
+    return harness.table(head, rows)
 
 
 def build_spread_table(results):
     head = ["width", "layers", "tokens", "variant", "median ms", "min ms"]
     head += ["1st step ms", "later steps ms", "CPU ms"]
     head += ["DoRA/LoRA paired", "DoRA/LoRA CPU", "PEFT/dora-jax paired", "PEFT/dora-jax CPU"]
-    lines = [fmt_row(head), fmt_row(["---"] * len(head))]
+    rows = []
     for (width, layers, tokens), result in results:
         runs = result.runs
         for name in VARIANTS:
@@ -405,8 +382,8 @@ def build_spread_table(results):
                 row += [f"{result.paired[kind]:.2f}", f"{peft_cpu / run.cpu_ms:.2f}"]
             else:
                 row += ["-", "-"]
-            lines.append(fmt_row(row))
-    return "\n".join(lines)
+            rows.append(row)
+    return harness.table(head, rows)
 
 
 def starved_torch(results, threads: int) -> str:
@@ -462,23 +439,17 @@ def main(argv=None) -> None:
 
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")  # torch runs on the CPU: compare like for like
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(args.torch_threads or cpus)
+    torch.set_num_threads(args.torch_threads or harness.cpu_count())
+    print(harness.banner("jax", "flax", "optax", "torch", "peft", load=True))
     print(
-        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
-        f"torch {torch.__version__}, peft {peft.__version__}, Python {platform.python_version()}"
-    )
-    print(
-        f"{cpus} CPUs ({platform.processor() or platform.machine()}), "
-        f"jax backend {jax.default_backend()}, torch threads {torch.get_num_threads()} "
-        f"({_torch_parallel_backend()})"
+        f"{platform.processor() or platform.machine()}, torch threads "
+        f"{torch.get_num_threads()} ({_torch_parallel_backend()})"
     )
     print(
         f"rank {RANK}, alpha {ALPHA}, float32, AdamW, "
         f"{args.repeats} rounds x {args.steps} steps per variant",
         flush=True,
     )
-    print(f"load average at start: {load_average()}", flush=True)
     start = time.perf_counter()
     print(f"check: {check_against_peft(*CHECK_SHAPE)}", flush=True)
     results = []
@@ -494,7 +465,7 @@ def main(argv=None) -> None:
     met = sum(
         r.runs["peft-dora"].median_ms / r.runs["jax-dora"].median_ms >= GOAL for _, r in results
     )
-    print(f"\nload average at end: {load_average()}")
+    print(f"\nload average at end: {harness.load_average()}")
     print("\nStep time (median wall ms):\n")
     print(table)
     print(f"\nPEFT DoRA / dora-jax DoRA >= {GOAL:g}: {met} of {len(results)} shapes")
