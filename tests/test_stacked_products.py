@@ -226,6 +226,10 @@ def test_stacking_set_per_layer_in_config_and_nnx():
         layer = dora_nnx.DoRALinear(12, 10, rank=3, stacking=stacking, rngs=nnx.Rngs(0))
         assert layer.stacking == stacking
         assert _uses_stacked_product(layer, x) is stacked
+        holder = nnx.Dict(proj=nnx.Linear(12, 10, rngs=nnx.Rngs(0)))
+        dora_nnx.apply_dora(holder, config, rngs=nnx.Rngs(1))
+        assert holder["proj"].stacking == stacking  # an ops.Stacking, not a dict
+        assert _uses_stacked_product(holder["proj"], x) is stacked
 
 
 def test_bad_stacking_is_refused_by_name():

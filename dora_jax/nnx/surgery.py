@@ -76,7 +76,9 @@ def apply_dora(model: nnx.Module, config: DoRAConfig, *, rngs: nnx.Rngs) -> nnx.
     # Build every replacement before changing anything: an error leaves the model as is.
     replacements = []
     for path, name, module in chosen:
-        settings = dataclasses.asdict(config.settings(name))
+        # Shallow: asdict would turn the nested ops.Stacking into a dict.
+        resolved = config.settings(name)
+        settings = {f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)}
         try:
             layer = DORA_CLASSES[type(module)].from_module(module, rngs=rngs, **settings)
         except ValueError as error:
