@@ -42,6 +42,11 @@ class LayerSettings:
         return ops.scaling(self.rank, self.alpha, self.rslora)
 
 
+# Settings a layer takes but a DoRAConfig does not: they change speed, not results, so
+# they are no part of what a checkpoint records and compares.
+LAYER_ONLY_SETTINGS = ("stacking",)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DoRAConfig:
     """Which layers to adapt and how; frozen and validated on construction.
@@ -65,9 +70,10 @@ class DoRAConfig:
       modules_to_save: layers (names matched as path suffixes) whose base parameters
         are trained in full, such as a new classifier head.
       adapter_dtype: dtype of the adapters (float32 by default, as PEFT).
-      stacking: when a Dense-like layer computes ``x @ W0`` and ``A^T W0`` as one
-        product (:class:`dora_jax.ops.Stacking`; by default the backend's measured
-        threshold). It changes speed only, never the result beyond rounding.
+
+    A config holds every :class:`LayerSettings` field but ``stacking``, which changes
+    speed only: a layer takes it as an argument, and layers made from a config use
+    the backend's default.
     """
 
     targets: Patterns
@@ -83,7 +89,6 @@ class DoRAConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Sequence[str] = ()
     adapter_dtype: Any = jnp.float32
-    stacking: ops.Stacking = ops.Stacking()
 
     def __post_init__(self):
         for name in ("targets", "exclude"):
@@ -118,8 +123,6 @@ class DoRAConfig:
             floating = False
         if not floating:
             raise _type_error("adapter_dtype", "a floating dtype", self.adapter_dtype)
-        if not isinstance(self.stacking, ops.Stacking):
-            raise _type_error("stacking", "a dora_jax.ops.Stacking", self.stacking)
 
     def __hash__(self):  # dicts inside: hash by value so configs can be static arguments
         return hash(repr(self))
@@ -134,7 +137,11 @@ class DoRAConfig:
 
     def settings(self, path: str) -> LayerSettings:
         """The hyperparameters of the layer at ``path``, with pattern overrides applied."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerSettings)}
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(LayerSettings)
+            if f.name not in LAYER_ONLY_SETTINGS
+        }
         return LayerSettings(
             **{
                 **shared,
