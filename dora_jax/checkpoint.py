@@ -390,20 +390,14 @@ class AdapterCheckpoints:
             diff = _compare(record["base"], self._base, "given base")
             if diff:
                 raise CheckpointMismatchError(
-                    f"{where} belongs to another base model: "
-                    + "; ".join(diff[:5])
-                    + (f"; ... {len(diff) - 5} more" if len(diff) > 5 else "")
-                    + "."
+                    f"{where} belongs to another base model: {_first_differences(diff)}."
                 )
         wanted = _fingerprint(_plain(like))
         stored = {p: [leaf["shape"], leaf["dtype"]] for p, leaf in record["leaves"].items()}
         diff = _compare(stored, wanted, "requested")
         if diff:
             raise CheckpointMismatchError(
-                f"{where} does not fit the state it is restored into: "
-                + "; ".join(diff[:5])
-                + (f"; ... {len(diff) - 5} more" if len(diff) > 5 else "")
-                + "."
+                f"{where} does not fit the state it is restored into: {_first_differences(diff)}."
             )
 
     def data_position(self, step: int | None = None) -> int | None:
@@ -654,6 +648,11 @@ def _compare(stored: Mapping[str, list], given: Mapping[str, list], name: str) -
     diff += [f"leaf {p!r} only in the checkpoint" for p in stored if p not in given]
     diff += [f"leaf {p!r} only in the {name} tree" for p in given if p not in stored]
     return diff
+
+
+def _first_differences(diff: list[str], shown: int = 5) -> str:
+    more = f"; ... {len(diff) - shown} more" if len(diff) > shown else ""
+    return "; ".join(diff[:shown]) + more
 
 
 def _config_record(config: DoRAConfig) -> dict:

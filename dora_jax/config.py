@@ -23,9 +23,9 @@ from dora_jax import ops
 Patterns = str | Sequence[str]
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerSettings:
-    """The DoRA hyperparameters of one adapted layer (resolved from a config)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hyperparameters:
+    """The DoRA hyperparameters, defined once: a :class:`DoRAConfig`'s and every layer's."""
 
     rank: int = 8
     alpha: float = 8.0
@@ -35,6 +35,14 @@ class LayerSettings:
     detach_norm: bool = True
     eps: float = ops.DEFAULT_EPS
     adapter_dtype: Any = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerSettings(Hyperparameters):
+    """The DoRA hyperparameters of one adapted layer (resolved from a config), and how
+    it computes: ``stacking`` changes speed, not results, so a config does not hold it
+    and checkpoints do not record it."""
+
     stacking: ops.Stacking = ops.Stacking()
 
     @property
@@ -42,13 +50,8 @@ class LayerSettings:
         return ops.scaling(self.rank, self.alpha, self.rslora)
 
 
-# Settings a layer takes but a DoRAConfig does not: they change speed, not results, so
-# they are no part of what a checkpoint records and compares.
-LAYER_ONLY_SETTINGS = ("stacking",)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DoRAConfig:
+class DoRAConfig(Hyperparameters):
     """Which layers to adapt and how; frozen and validated on construction.
 
     Attributes:
@@ -78,17 +81,9 @@ class DoRAConfig:
 
     targets: Patterns
     exclude: Patterns = ()
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    rslora: bool = False
-    use_dora: bool = True
-    detach_norm: bool = True
-    eps: float = ops.DEFAULT_EPS
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Sequence[str] = ()
-    adapter_dtype: Any = jnp.float32
 
     def __post_init__(self):
         for name in ("targets", "exclude"):
@@ -137,11 +132,7 @@ class DoRAConfig:
 
     def settings(self, path: str) -> LayerSettings:
         """The hyperparameters of the layer at ``path``, with pattern overrides applied."""
-        shared = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(LayerSettings)
-            if f.name not in LAYER_ONLY_SETTINGS
-        }
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(Hyperparameters)}
         return LayerSettings(
             **{
                 **shared,
