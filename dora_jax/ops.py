@@ -403,7 +403,7 @@ def magnitude_scale(magnitude: Array, norm: Array, detach_norm: bool = True) -> 
     return magnitude.astype(jnp.float32) / norm
 
 
-def combine(
+def adapted_layer_output(
     base_out: Array,
     lora_out: Array,
     scale: float,
@@ -514,7 +514,7 @@ def adapter_forward(
       stacking: when a ``dense_like`` map stacks (:class:`Stacking`; the default is
         the backend's measured threshold, never with ``x`` and ``kernel`` both concrete).
     Returns:
-      ``y - bias`` of the adapted layer (see :func:`combine`).
+      ``y - bias`` of the adapted layer (see :func:`adapted_layer_output`).
     """
     a_t_w = None
     if (
@@ -547,7 +547,7 @@ def adapter_forward(
     base_out_dropped = None
     if x_dropped is not None and g is not None:
         base_out_dropped = apply_kernel(x_dropped, kernel)
-    return combine(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
+    return adapted_layer_output(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
 
 
 def _stacking_pays(
