@@ -1,0 +1,620 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen 2/2.5, Qwen 3) in Flax NNX.
+
+Built from ``nnx.Linear``, ``nnx.Embed`` and ``nnx.RMSNorm`` only, so
+:func:`dora_jax.nnx.apply_dora` adapts it unchanged, and with the attribute paths of the
+Hugging Face modules, so a Flax path is the torch module name with ``/`` for ``.``::
+
+    model/embed_tokens                       nnx.Embed (vocab, hidden)
+    model/layers/<i>/input_layernorm         nnx.RMSNorm (hidden,)
+    model/layers/<i>/self_attn/q_proj        nnx.Linear hidden -> heads * head_dim
+    model/layers/<i>/self_attn/k_proj        nnx.Linear hidden -> kv_heads * head_dim
+    model/layers/<i>/self_attn/v_proj        nnx.Linear hidden -> kv_heads * head_dim
+    model/layers/<i>/self_attn/o_proj        nnx.Linear heads * head_dim -> hidden
+    model/layers/<i>/self_attn/q_norm        nnx.RMSNorm (head_dim,)   Qwen 3 only
+    model/layers/<i>/self_attn/k_norm        nnx.RMSNorm (head_dim,)   Qwen 3 only
+    model/layers/<i>/post_attention_layernorm
+    model/layers/<i>/mlp/gate_proj           nnx.Linear hidden -> intermediate
+    model/layers/<i>/mlp/up_proj             nnx.Linear hidden -> intermediate
+    model/layers/<i>/mlp/down_proj           nnx.Linear intermediate -> hidden
+    model/norm                               nnx.RMSNorm (hidden,)
+    lm_head                                  nnx.Linear hidden -> vocab (absent when tied)
+
+Kernels are Flax's ``(in, out)``: the transpose of the torch ``weight``.
+
+Interface:
+
+* :class:`LlamaConfig`: a frozen dataclass with Hugging Face's field names;
+  ``LlamaConfig.from_hf(dict)`` reads a ``config.json`` (``model_type`` llama, mistral,
+  qwen2, qwen3) and refuses, by name, every value this model does not compute (another
+  ``hidden_act``, a rope scaling other than llama3, Qwen's per-layer sliding window...);
+  ``to_hf()`` writes one back.
+* ``Llama(config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False, rngs)``;
+  ``model(tokens int32[B, T], *, positions=None, attention_mask=None, cache=None)``
+  returns float32 logits ``[B, T, vocab]``, or ``(logits, cache)`` when a cache is given.
+  ``attention_mask`` (bool or 0/1 ``[B, T]``) marks real tokens (False: padding);
+  ``positions`` default to the count of real tokens before each one (``arange`` without
+  padding, right for left padding too). ``remat=True`` recomputes each decoder block in
+  the backward pass (``nnx.remat``).
+* :func:`init_cache` ``(model, batch, max_length, dtype=None)``: an empty KV cache (a
+  pytree of arrays, so it passes through ``jax.jit``).
+* :func:`generate` ``(model, tokens, max_new_tokens, *, attention_mask=None,
+  eos_token_id=None, pad_token_id=0)``: greedy decoding with the KV cache in one jitted
+  call; returns ``[B, T + max_new_tokens]`` tokens (pad prompts on the left).
+
+Hugging Face checkpoints load with ``examples/hf_llm.py``. The numerics follow
+transformers: RMSNorm in float32, rotary embeddings in float32 (``rotate_half`` layout,
+llama3 frequency scaling), attention softmax in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# llama3 is the only scaling implemented; "default" means none.
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+# config.json fields that do not change the numbers of a forward pass (bookkeeping,
+# tokenizer ids, initialisation, training-only settings at their defaults).
+_IGNORED = {
+    "architectures",
+    "auto_map",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "use_cache",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "pretraining_tp",  # only splits torch's matmuls; the result is the same
+    "id2label",
+    "label2id",
+    "problem_type",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "tie_encoder_decoder",
+    "max_window_layers",  # used only with use_sliding_window, refused below
+    "model_type",
+    "quantization_config_ignored",
+    "attention_implementation",
+    "_attn_implementation_autoset",
+    "bos_token",
+    "eos_token",
+    "head_dim",
+    "mlp_bias",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The architecture, with Hugging Face's field names.
+
+    ``rope_scaling`` is ``None`` or the llama3 parameters (``{"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``),
+    held as a sorted tuple of pairs so the config is hashable (Flax keeps it in the
+    model's static structure); :attr:`rope_scaling_dict` gives the dict.
+    ``attention_bias`` puts biases on q/k/v (and on o, except for Qwen 2, whose o_proj
+    has none); ``qk_norm`` is Qwen 3's RMSNorm of each head's query and key;
+    ``sliding_window`` (Mistral) lets each token see only the previous
+    ``sliding_window`` tokens, itself included.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"LlamaConfig: hidden_size {self.hidden_size} is not a multiple of "
+                    f"num_attention_heads {self.num_attention_heads}; give head_dim."
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig: num_attention_heads {self.num_attention_heads} is not a "
+                f"multiple of num_key_value_heads {self.num_key_value_heads}."
+            )
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"LlamaConfig: model_type {self.model_type!r} is not implemented; "
+                f"supported: {', '.join(MODEL_TYPES)}."
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(
+                f"LlamaConfig: hidden_act {self.hidden_act!r} is not implemented (only 'silu')."
+            )
+        scaling = self.rope_scaling
+        if isinstance(scaling, Mapping):
+            scaling = tuple(sorted(scaling.items()))
+            object.__setattr__(self, "rope_scaling", scaling)
+        if scaling is not None:
+            items = dict(scaling)
+            kind = items.get("rope_type", items.get("type"))
+            if kind != "llama3":
+                raise ValueError(
+                    f"LlamaConfig: rope_scaling type {kind!r} is not implemented (supported: "
+                    f"None or 'llama3')."
+                )
+            missing = [k for k in LLAMA3_KEYS if k not in items]
+            if missing:
+                raise ValueError(f"LlamaConfig: llama3 rope_scaling lacks {missing}.")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Qwen 2 has q/k/v biases and none on o_proj; the others use one setting."""
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @classmethod
+    def from_hf(cls, data: Mapping[str, Any]) -> LlamaConfig:
+        """A config from the dict of a Hugging Face ``config.json``.
+
+        Accepts both rope spellings: ``rope_theta`` + ``rope_scaling`` (transformers 4)
+        and ``rope_parameters`` (transformers 5).
+
+        Raises:
+          ValueError: naming the field for an unknown ``model_type``, or any value this
+            model does not implement (another activation or rope scaling, a partial
+            rotary factor, a per-layer sliding window, attention dropout, an unknown
+            field that is set).
+        """
+        data = dict(data)
+        model_type = data.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"config.json: model_type {model_type!r} is not implemented; supported: "
+                f"{', '.join(MODEL_TYPES)}."
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {"model_type": model_type}
+        rope = dict(data.pop("rope_parameters", None) or {})
+        theta = data.pop("rope_theta", None)
+        legacy = data.pop("rope_scaling", None)
+        if legacy:
+            rope = {**rope, **legacy}
+        if theta is not None:
+            rope.setdefault("rope_theta", theta)
+        kind = rope.pop("rope_type", rope.pop("type", "default"))
+        kwargs["rope_theta"] = float(rope.pop("rope_theta", 10000.0))
+        factor = rope.pop("partial_rotary_factor", data.pop("partial_rotary_factor", 1.0))
+        if factor != 1.0:
+            raise ValueError(f"config.json: partial_rotary_factor={factor} is not implemented.")
+        if kind not in ROPE_TYPES:
+            raise ValueError(
+                f"config.json: rope scaling type {kind!r} is not implemented (supported: "
+                f"{', '.join(ROPE_TYPES)})."
+            )
+        if kind == "llama3":
+            kwargs["rope_scaling"] = {"rope_type": "llama3", **rope}
+        elif rope:
+            raise ValueError(f"config.json: rope parameters {sorted(rope)} are not implemented.")
+        if data.pop("attention_dropout", 0.0):
+            raise ValueError("config.json: attention_dropout is not implemented (must be 0).")
+        if model_type in ("qwen2", "qwen3"):
+            use_window = data.pop("use_sliding_window", False)
+            kinds = set(data.pop("layer_types", None) or ["full_attention"])
+            window = data.pop("sliding_window", None)
+            if use_window or kinds != {"full_attention"}:
+                raise ValueError(
+                    f"config.json: Qwen's per-layer sliding window (use_sliding_window="
+                    f"{use_window}, sliding_window={window}, layer_types {sorted(kinds)}) is "
+                    f"not implemented."
+                )
+        if model_type == "qwen2":
+            kwargs["attention_bias"] = True
+            data.pop("attention_bias", None)
+        if model_type == "qwen3":
+            kwargs["qk_norm"] = True
+        if model_type == "mistral":
+            kinds = set(data.pop("layer_types", None) or ["full_attention"])
+            if not kinds <= {"full_attention", "sliding_attention"} or len(kinds) > 1:
+                raise ValueError(f"config.json: layer_types {sorted(kinds)} is not implemented.")
+        for key, value in data.items():
+            if key in fields and key not in ("rope_scaling", "qk_norm", "model_type"):
+                kwargs[key] = value
+            elif key in ("head_dim", "mlp_bias"):
+                kwargs[key] = value
+            elif key not in _IGNORED and value not in (None, False, {}, []):
+                raise ValueError(
+                    f"config.json: field {key!r} = {value!r} is not known to this model; "
+                    f"refused, since its effect is not implemented."
+                )
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config.json: {error}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` dict (transformers 5 spelling: ``rope_parameters``)."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {**self.rope_scaling_dict, "rope_theta": self.rope_theta}
+        out = {
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": self.hidden_act,
+        }
+        if self.model_type in ("llama", "qwen3"):
+            out["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        return out
+
+
+# ---------------------------------------------------------------------------- rotary
+
+
+def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """The rotary inverse frequencies ``(head_dim // 2,)`` (float32), with llama3 scaling."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling_dict
+    if scaling is not None:  # transformers' _compute_llama3_parameters
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rotary(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
+    """cos and sin ``[B, T, head_dim]`` (float32) of integer ``positions [B, T]``."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inverse_frequencies(config))
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate ``x [B, T, heads, head_dim]`` in the ``rotate_half`` layout (float32 math)."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings (``self_attn``)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        self.q_proj = nnx.Linear(
+            c.hidden_size, c.num_attention_heads * c.head_dim, use_bias=c.attention_bias, **kw
+        )
+        self.k_proj = nnx.Linear(
+            c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.attention_bias, **kw
+        )
+        self.v_proj = nnx.Linear(
+            c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.attention_bias, **kw
+        )
+        self.o_proj = nnx.Linear(
+            c.num_attention_heads * c.head_dim, c.hidden_size, use_bias=c.o_proj_bias, **kw
+        )
+        if c.qk_norm:
+            self.q_norm = nnx.RMSNorm(c.head_dim, epsilon=c.rms_norm_eps, **kw)
+            self.k_norm = nnx.RMSNorm(c.head_dim, epsilon=c.rms_norm_eps, **kw)
+        self.qk_norm = c.qk_norm
+
+    def __call__(self, x, cos, sin, mask, layer_cache, index):
+        """``x [B, T, hidden]``, ``mask [B, T, S]`` (True: may attend) -> ``[B, T, hidden]``.
+
+        With a ``layer_cache`` (``{"key", "value"}: [B, S, kv_heads, head_dim]``) the new
+        keys and values are written at slot ``index`` and attention covers all ``S``
+        slots; returns the output and the updated layer cache (None without one).
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if layer_cache is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(
+                layer_cache["key"], k.astype(layer_cache["key"].dtype), start
+            )
+            v = jax.lax.dynamic_update_slice(
+                layer_cache["value"], v.astype(layer_cache["value"].dtype), start
+            )
+            layer_cache = {"key": k, "value": v}
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        scores = scores * (self.head_dim**-0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).astype(x.dtype)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), layer_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` (``mlp``)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = {"use_bias": config.mlp_bias, "dtype": dtype, "param_dtype": param_dtype}
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nnx.Linear(h, i, rngs=rngs, **kw)
+        self.up_proj = nnx.Linear(h, i, rngs=rngs, **kw)
+        self.down_proj = nnx.Linear(i, h, rngs=rngs, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, **kw)
+        self.post_attention_layernorm = nnx.RMSNorm(
+            config.hidden_size, epsilon=config.rms_norm_eps, **kw
+        )
+        self.mlp = MLP(config, **kw)
+
+    def __call__(self, x, cos, sin, mask, layer_cache=None, index=0):
+        attended, layer_cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, layer_cache, index
+        )
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
+
+
+def _block(layer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)[0]
+
+
+class LlamaModel(nnx.Module):
+    """The decoder stack without the head (Hugging Face's ``model``)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, remat, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List(
+            [DecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        self.remat = remat
+
+    def __call__(self, x, cos, sin, mask, cache=None, index=0):
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x, layer_cache = layer(x, cos, sin, mask, cache[i], index)
+                new_layers.append(layer_cache)
+            elif self.remat:
+                x = nnx.remat(_block)(layer, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask)[0]
+        return self.norm(x), tuple(new_layers)
+
+
+class Llama(nnx.Module):
+    """A Llama-family causal language model (Hugging Face's ``*ForCausalLM``).
+
+    Args:
+      config: the architecture.
+      dtype: the compute dtype (activations; attention scores, softmax, RMSNorm and
+        rotary embeddings are float32 whatever it is).
+      param_dtype: the parameters' dtype.
+      remat: recompute each decoder block in the backward pass (``nnx.remat``).
+      rngs: initialises the (random) weights.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(
+            config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+        )
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: dict[str, Any] | None = None,
+    ):
+        """Logits ``float32 [B, T, vocab]`` of ``tokens int32 [B, T]``.
+
+        Args:
+          tokens: token ids ``[B, T]``.
+          positions: rotary positions ``[B, T]``; default: the number of real tokens
+            before each token (so ``arange(T)`` without padding), counted on from the
+            cache's when one is given.
+          attention_mask: ``[B, T]`` bool or 0/1, False / 0 for padding; padding keys are
+            never attended to (a padding query's output is meaningless).
+          cache: from :func:`init_cache` or a previous call: the tokens are written after
+            those already in it, and ``(logits, cache)`` is returned.
+        """
+        b, t = tokens.shape
+        real = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        start = 0 if cache is None else cache["position"][:, None]
+        if positions is None:
+            positions = jnp.maximum(start + jnp.cumsum(real, axis=1) - 1, start)
+        cos, sin = rotary(positions, self.config)
+        if cache is None:
+            q_slot = k_slot = jnp.arange(t)
+            key_real, index = real, 0
+        else:
+            index = cache["index"]
+            q_slot = index + jnp.arange(t)
+            key_real = jax.lax.dynamic_update_slice(cache["valid"], real, (0, index))
+            k_slot = jnp.arange(key_real.shape[1])
+        allowed = k_slot[None, :] <= q_slot[:, None]
+        if self.config.sliding_window is not None:
+            allowed &= q_slot[:, None] - k_slot[None, :] < self.config.sliding_window
+        mask = key_real[:, None, :] & allowed[None]
+        x = self.model.embed_tokens(tokens)
+        x, layers = self.model(x, cos, sin, mask, None if cache is None else cache["layers"], index)
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        cache = {
+            "layers": layers,
+            "index": index + t,
+            "valid": key_real,
+            "position": cache["position"] + jnp.sum(real, axis=1, dtype=jnp.int32),
+        }
+        return logits, cache
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def init_cache(model: Llama, batch: int, max_length: int, dtype=None) -> dict[str, Any]:
+    """An empty KV cache for ``batch`` sequences of up to ``max_length`` tokens.
+
+    ``{"layers": ({"key", "value"}: [B, max_length, kv_heads, head_dim],) * layers,
+    "index": int32 (slots used), "valid": bool [B, max_length] (slots holding real
+    tokens), "position": int32 [B] (the next token's rotary position)}``.
+    """
+    c = model.config
+    dtype = dtype or model.dtype
+    shape = (batch, max_length, c.num_key_value_heads, c.head_dim)
+    return {
+        "layers": tuple(
+            {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+            for _ in range(c.num_hidden_layers)
+        ),
+        "index": jnp.zeros((), jnp.int32),
+        "valid": jnp.zeros((batch, max_length), bool),
+        "position": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def generate(
+    model: Llama,
+    tokens: Array,
+    max_new_tokens: int,
+    *,
+    attention_mask: Array | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> Array:
+    """Greedy decoding: ``[B, T + max_new_tokens]`` (the prompt, then the new tokens).
+
+    Prompts of different lengths are padded on the LEFT with ``attention_mask`` False
+    there. After a row emits ``eos_token_id`` its later tokens are ``pad_token_id``.
+    One jitted call (prefill, then a ``lax.scan`` of single-token steps with the cache).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask)
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef, state, tokens, mask.astype(bool), max_new_tokens, eos_token_id, pad_token_id
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _generate(graphdef, state, tokens, mask, max_new_tokens, eos_token_id, pad_token_id):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    cache = init_cache(model, b, t + max_new_tokens)
+    logits, cache = model(tokens, attention_mask=mask, cache=cache)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    done = jnp.zeros((b,), bool)
+
+    def step(carry, _):
+        token, done, cache = carry
+        token = jnp.where(done, pad_token_id, token)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        logits, cache = model(token[:, None], cache=cache)
+        following = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return (following, done, cache), token
+
+    _, new = jax.lax.scan(step, (first, done, cache), None, length=max_new_tokens)
+    return jnp.concatenate([tokens, new.T], axis=1)
