@@ -43,6 +43,9 @@ from dora_jax.adapters import DORA, DORA_CACHE, INFERENCE_NORM, drop_leaves
 from dora_jax.config import DoRAConfig
 
 PyTree = Any
+# Leaf suffixes of a weight ``w``'s adapters made by a qwix provider (dora_jax.qwix's
+# DoraProvider, qwix's LoraProvider): they live in "params" beside ``w``.
+PROVIDER_ADAPTER_SUFFIXES = ("_lora_a", "_lora_b", "_dora_magnitude")
 _NEVER = np.iinfo(np.int32).max  # apply_if_finite's counter is an int32
 
 
@@ -75,9 +78,10 @@ def partition(
     """Split Linen variables into ``(trainable, frozen)``.
 
     ``trainable`` holds the ``"dora"`` collection and, under ``"params"``, the modules
-    that ``config.modules_to_save`` names; ``frozen`` holds everything else, less any
-    inference-only norm cache (:func:`dora_jax.linen.cache_norms`). :func:`combine` is
-    the inverse.
+    that ``config.modules_to_save`` names and the adapters a qwix provider put beside
+    their weight ``w`` (``w_lora_a``, ``w_lora_b``, ``w_dora_magnitude``:
+    :mod:`dora_jax.qwix`); ``frozen`` holds everything else, less any inference-only norm
+    cache (:func:`dora_jax.linen.cache_norms`). :func:`combine` is the inverse.
     """
     variables = dict(variables)
     if DORA_CACHE in variables:  # a cached whole norm is for inference only
@@ -90,7 +94,32 @@ def partition(
         if saved:
             trainable["params"] = saved
         variables["params"] = rest
+    if "params" in variables:
+        adapters, rest = _split_provider_adapters(variables["params"])
+        if adapters:
+            trainable["params"] = _merge(trainable.get("params", {}), adapters)
+            variables["params"] = rest
     return trainable, variables
+
+
+def _split_provider_adapters(tree: Mapping[str, Any]) -> tuple[dict, dict]:
+    """``(adapters, rest)``: the leaves ``w<suffix>`` beside a weight ``w``, at any depth."""
+    adapters, rest = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            a, r = _split_provider_adapters(value)
+            if a:
+                adapters[key] = a
+            if r or not a:
+                rest[key] = r
+        elif any(
+            key.endswith(suffix) and key[: -len(suffix)] in tree
+            for suffix in PROVIDER_ADAPTER_SUFFIXES
+        ):
+            adapters[key] = value
+        else:
+            rest[key] = value
+    return adapters, rest
 
 
 def combine(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
