@@ -266,3 +266,143 @@ def merge_trees(a: Mapping, b: Mapping) -> dict:
         else:
             out[key] = value
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Many adapters of one frozen layer in one batch (dora_jax.linen.multi, dora_jax.nnx.multi).
+
+STACK = "dora_stack"  # K adapters stacked on a leading axis, for mixed-batch inference
+SCALES = "scales"  # (K,) the LoRA scaling of each stacked adapter
+
+
+class AdapterStack(NamedTuple):
+    """``K`` adapters of one layer stacked on a leading axis (inference only).
+
+    ``lora_a (K, *batch, *in, R)``, ``lora_b (K, *batch, R, *out)`` with ``R`` the
+    largest rank (lower ranks padded with zeros, which changes no product),
+    ``magnitude (K, *batch, *out)``, ``scales (K,)``; ``inference_norm`` has the
+    magnitude's shape: each adapter's ``||W0 + s_k*A_k@B_k||_c``, or ``None``.
+    """
+
+    lora_a: Array
+    lora_b: Array
+    magnitude: Array
+    scales: Array
+    inference_norm: Array | None = None
+
+
+def stack_adapters(
+    kernel: Array,
+    layout: ops.Layout,
+    adapters: Sequence[Adapters],
+    settings: Sequence[LayerSettings],
+    where: str,
+) -> AdapterStack:
+    """Stack one layer's adapters of ``K`` models and compute each one's norm, once.
+
+    Every adapter must be DoRA (a magnitude) with the same ``eps``; ranks, ``alpha`` and
+    rsLoRA may differ (each adapter keeps its own scaling). The norms depend on
+    ``kernel`` and on these adapters: a stack is remade, not edited.
+
+    Raises:
+      ValueError: naming ``where``, the adapter's index and the shapes or settings.
+    """
+    for k, (adapter, setting) in enumerate(zip(adapters, settings, strict=True)):
+        if adapter.magnitude is None or not setting.use_dora:
+            raise ValueError(
+                f"{where}: adapter {k} is plain LoRA (use_dora=False); a stack holds DoRA "
+                f"adapters only."
+            )
+        ops.check_adapter_shapes(
+            kernel.shape,
+            layout,
+            adapter.lora_a.shape,
+            adapter.lora_b.shape,
+            adapter.magnitude.shape,
+            f"{where} (adapter {k})",
+        )
+    eps = {s.eps for s in settings}
+    if len(eps) != 1:
+        raise ValueError(f"{where}: stacked adapters need one eps; got {sorted(eps)}.")
+    rank = max(a.lora_a.shape[-1] for a in adapters)
+    n_batch = len(layout.batch_axes)
+
+    def padded(value: Array, axis: int) -> Array:
+        widths = [(0, 0)] * value.ndim
+        widths[axis] = (0, rank - value.shape[axis])
+        return jnp.pad(value, widths)
+
+    dtype = jnp.result_type(*(a.lora_a for a in adapters))
+    norms = [inference_norm(kernel, a, s, layout) for a, s in zip(adapters, settings, strict=True)]
+    return AdapterStack(
+        lora_a=jnp.stack([padded(a.lora_a, -1).astype(dtype) for a in adapters]),
+        lora_b=jnp.stack([padded(a.lora_b, n_batch).astype(dtype) for a in adapters]),
+        magnitude=jnp.stack([a.magnitude.astype(dtype) for a in adapters]),
+        scales=jnp.asarray([s.scale for s in settings], jnp.float32),
+        inference_norm=jnp.stack(norms),
+    )
+
+
+def stacked_output(
+    x: Array,
+    kernel: Array,
+    layout: ops.Layout,
+    stack: AdapterStack,
+    adapter_ids: Array,
+    eps: float,
+    where: str,
+    **maps,
+) -> Array:
+    """:func:`dora_jax.ops.stacked_adapter_forward` for one layer's stack; ``maps`` as
+    for :func:`adapted_output`. Returns the output without bias."""
+    num = stack.lora_a.shape[0]
+    rank = stack.lora_a.shape[-1]
+    want = tuple(layout.lora_shapes(kernel.shape, rank))
+    got = tuple(tuple(v.shape[1:]) for v in stack[:3])
+    if got != want or stack.magnitude.shape[0] != num or stack.scales.shape != (num,):
+        raise ValueError(
+            f"{where}: the adapter stack does not fit kernel {tuple(kernel.shape)}: expected "
+            f"({num}, ...) stacks of lora_a, lora_b, magnitude {want} and scales ({num},); "
+            f"got {tuple(tuple(v.shape) for v in stack[:4])}."
+        )
+    ops.check_adapter_ids(adapter_ids, num, jnp.shape(x)[0], where)
+    maps.setdefault("to_output", _identity)
+    maps.pop("dense_like", None)  # the norms are cached: nothing to stack with x
+    return ops.stacked_adapter_forward(
+        x,
+        kernel,
+        stack.lora_a,
+        stack.lora_b,
+        stack.magnitude,
+        stack.scales,
+        adapter_ids,
+        layout=layout,
+        norm=stack.inference_norm,
+        eps=eps,
+        **maps,
+    )
+
+
+def example_axis_problem(
+    kind: str, *, equation: str | None = None, axis=(), batch_dims=()
+) -> str | None:
+    """Why a layer cannot route examples to adapters, or ``None`` if it can.
+
+    The example axis (the input's leading axis) must lead the output and touch no
+    kernel axis: for an einsum ``lhs,rhs->out``, ``lhs[0] == out[0]`` and not in
+    ``rhs``; for DenseGeneral, no ``batch_dims`` and axis 0 not contracted.
+    """
+    if equation is not None:
+        lhs, rhs = equation.replace(" ", "").split("->")[0].split(",")
+        out = equation.split("->")[1].strip()
+        if not lhs or not out or lhs[0] != out[0] or lhs[0] in rhs:
+            return (
+                f"{kind} {equation!r}: the input's leading (example) axis must lead the "
+                f"output and not be a kernel axis"
+            )
+    if batch_dims or 0 in axis:
+        return (
+            f"{kind} with batch_dims={tuple(batch_dims)}, axis={tuple(axis)}: the input's "
+            f"leading (example) axis must be neither a batch dimension nor contracted"
+        )
+    return None

@@ -640,3 +640,154 @@ def embed_attend(
         query = (query * magnitude_scale(magnitude, norm, detach_norm)).astype(dtype)
     lora = (query @ lora_b.T.astype(dtype)) @ lora_a.T.astype(dtype)
     return query @ embedding.T.astype(dtype) + scale * lora
+
+
+# --------------------------------------------------------------------------------------
+# Many adapters of one frozen kernel in one batch.
+
+
+def stacked_norms(
+    kernel: Array,
+    lora_a: Array,
+    lora_b: Array,
+    scales: Array,
+    layout: Layout,
+    *,
+    base_norm_sq: Array | None = None,
+    eps: float = DEFAULT_EPS,
+) -> Array:
+    """Each of ``K`` adapters' whole norm ``||W0 + s_k*A_k@B_k||_c`` (:func:`dora_norm`).
+
+    Args:
+      kernel: ``W0`` in ``layout``, shared by every adapter.
+      lora_a: ``(K, *batch, *in, r)``; lora_b: ``(K, *batch, r, *out)``; adapters of a
+        lower rank padded with zero columns of ``A`` and zero rows of ``B`` (exact).
+      scales: ``(K,)`` LoRA scalings.
+      base_norm_sq: cached ``||W0||_c^2``; computed once here if ``None``.
+    Returns:
+      ``(K, *batch, *out)`` float32.
+    """
+    if base_norm_sq is None:
+        base_norm_sq = column_norm_sq(kernel, layout)
+
+    def one(a, b, s):
+        return dora_norm(kernel, a, b, s, layout, base_norm_sq=base_norm_sq, eps=eps)
+
+    return jax.vmap(one)(lora_a, lora_b, jnp.asarray(scales, jnp.float32))
+
+
+def check_adapter_ids(
+    adapter_ids, num_adapters: int, num_rows: int | None, where: str = ""
+) -> None:
+    """Refuse adapter ids that are not ``(num_rows,)`` integers in ``[-1, num_adapters)``
+    (any length when ``num_rows`` is ``None``).
+
+    Shapes and dtypes are always checked; values only when ``adapter_ids`` is concrete
+    (under ``jit`` they are unknown: :func:`stacked_adapter_forward` then gives the rows
+    of out-of-range ids NaN).
+    """
+    shape = tuple(jnp.shape(adapter_ids))
+    dtype = jnp.result_type(adapter_ids)
+    rows = shape[0] if num_rows is None and len(shape) == 1 else num_rows
+    if shape != (rows,) or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"{_prefix(where)}adapter_ids must be integers of shape "
+            f"({'batch' if rows is None else rows},), one per "
+            f"example of the batch (the input's leading axis); got {dtype} {shape}."
+        )
+    if isinstance(adapter_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(adapter_ids)
+    bad = ids[(ids < -1) | (ids >= num_adapters)]
+    if bad.size:
+        raise ValueError(
+            f"{_prefix(where)}adapter_ids must be in [-1, {num_adapters}) (-1: the base "
+            f"model; {num_adapters} adapters stacked); got {sorted(set(bad.tolist()))}."
+        )
+
+
+def stacked_adapter_forward(
+    x: Array,
+    kernel: Array,
+    lora_a: Array,
+    lora_b: Array,
+    magnitude: Array,
+    scales: Array,
+    adapter_ids: Array,
+    *,
+    apply_kernel: Callable[[Array, Array], Array],
+    apply_lora_b: Callable[[Array, Array], Array],
+    to_output: Callable[[Array], Array],
+    layout: Layout,
+    apply_lora_a: Callable[[Array, Array], Array] | None = None,
+    norm: Array | None = None,
+    base_norm_sq: Array | None = None,
+    eps: float = DEFAULT_EPS,
+) -> Array:
+    """The output without bias of a batch whose example ``i`` runs adapter ``adapter_ids[i]``.
+
+    Example ``i`` (the input's leading axis) gets
+    ``g_k * (x_i @ W0 + s_k * (x_i @ A_k) @ B_k)`` with ``k = adapter_ids[i]`` and
+    ``g_k = m_k / ||W0 + s_k*A_k@B_k||_c``; ``k = -1`` gives the frozen ``x_i @ W0``
+    exactly. ``x @ W0`` is one product for the whole batch; each example's ``A_k`` and
+    ``B_k`` are gathered and its low-rank products run batched over the examples (on
+    the CPU as fast per token as one adapter's from about 32 tokens per example, and
+    independent of ``K``: the alternative, ``x @ [A_1 .. A_K]`` then a mask, costs
+    ``K`` times the low-rank work). No merged kernel is formed.
+
+    Args:
+      x: ``(batch, ...)`` the layer input; its leading axis is the example axis.
+      kernel: frozen ``W0``.
+      lora_a, lora_b, magnitude: ``K`` adapters stacked on a leading axis:
+        ``(K, *batch, *in, r)``, ``(K, *batch, r, *out)``, ``(K, *batch, *out)``.
+      scales: ``(K,)`` LoRA scalings.
+      adapter_ids: ``(batch,)`` integers in ``[-1, K)`` (see :func:`check_adapter_ids`).
+        An id outside the range, which cannot be refused under ``jit``, makes that
+        example's output NaN, never another adapter's.
+      apply_kernel, apply_lora_b, to_output, layout, apply_lora_a: the layer's maps, as
+        for :func:`adapter_forward`; they must keep the example axis leading.
+      norm: the ``(K, *batch, *out)`` norms cached by :func:`stacked_norms`; computed
+        from ``kernel`` when ``None``.
+      base_norm_sq, eps: as for :func:`dora_norm`.
+    Returns:
+      ``(batch, ...)``, the dtype of ``x @ W0``.
+    """
+    num = lora_a.shape[0]
+    if norm is None:
+        norm = stacked_norms(
+            kernel, lora_a, lora_b, scales, layout, base_norm_sq=base_norm_sq, eps=eps
+        )
+    # Row k of the tables for id k, row K for the base (id -1), K + 1 (out of range) for
+    # anything else: gathers fill it with zeros (A, B, s) or NaN (g).
+    ids = jnp.asarray(adapter_ids)
+    index = jnp.where((ids >= 0) & (ids < num), ids, jnp.where(ids == -1, num, num + 1))
+    g = magnitude_scale(magnitude, norm)
+    g = jnp.concatenate([g, jnp.ones((1, *g.shape[1:]), g.dtype)])
+    g_rows = jnp.take(g, index, axis=0, mode="fill", fill_value=jnp.nan)
+    a_rows = jnp.take(lora_a, index, axis=0, mode="fill", fill_value=0)
+    b_rows = jnp.take(lora_b, index, axis=0, mode="fill", fill_value=0)
+    s_rows = jnp.take(jnp.asarray(scales, jnp.float32), index, mode="fill", fill_value=0)
+
+    def low_rank(x_i, a, b):  # one example through its own A and B, the axis kept
+        return apply_lora_b((apply_lora_a or apply_kernel)(x_i[None], a), b)[0]
+
+    base_out = apply_kernel(x, kernel)
+    lora_out = jax.vmap(low_rank)(x, a_rows, b_rows).astype(jnp.float32)
+    per_row = (x.shape[0],) + (1,) * (base_out.ndim - 1)
+    lora_out = s_rows.reshape(per_row) * lora_out
+    g_out = _rows_to_output(g_rows, to_output, base_out.ndim)
+    return (g_out * (base_out.astype(jnp.float32) + lora_out)).astype(base_out.dtype)
+
+
+def _rows_to_output(rows: Array, to_output: Callable[[Array], Array], ndim: int) -> Array:
+    """``(batch, *batch_axes, *out)`` values per example, broadcastable against the
+    ``ndim``-axis output whose leading axis is the example axis."""
+    mapped = jax.vmap(to_output)(rows)
+    shape = mapped.shape[1:]
+    padded = (1,) * (ndim - len(shape)) + shape
+    if len(padded) != ndim or padded[0] != 1:
+        raise ValueError(
+            f"per-feature values of shape {shape} do not leave the output's leading "
+            f"(example) axis to the batch: the layer must keep the example axis leading."
+        )
+    return mapped.reshape(rows.shape[0], *padded[1:])
