@@ -1,10 +1,12 @@
 """The catalogue of layer cases shared by the test suites.
 
 Each :class:`LayerCase` is one layer configuration (kind, shapes, options) with its Linen
-DoRA layer, the plain Flax Linen layer, its NNX DoRA layer and how the float64 reference
-(``tests/reference.py``) sees it. The float64 reference suites of both front ends run
-over :data:`CASES` (``test_reference.py`` for Linen, ``test_nnx_reference.py`` for NNX);
-the helpers below make random weights and the reference's results for a case.
+DoRA layer, the plain Flax Linen layer, its NNX DoRA layer, how the float64 reference
+(``tests/reference.py``) sees it and, where PEFT has the layer, its PyTorch twin. The
+suites run over :data:`CASES`: the float64 reference of each front end
+(``test_reference.py`` for Linen, ``test_nnx_reference.py`` for NNX), Linen against NNX
+(``test_linen_nnx.py``) and PEFT parity over :data:`PEFT_CASES` (``test_peft_parity.py``).
+The helpers below make random weights and the reference's results for a case.
 """
 
 from __future__ import annotations
@@ -55,24 +57,44 @@ class LayerCase:
     vocab: int | None = None  # integer inputs in [0, vocab) for embeddings
     param: str = "kernel"
     use_bias: bool = True
+    # PEFT's layer kind ("linear", "conv", "embed") and its torch twin, ``(bias) -> module``
+    # with this case's shapes and options; None where PEFT has no such layer.
+    peft_kind: str | None = None
+    torch_twin: Callable[[bool], object] | None = None
 
 
-def _conv_case(name: str, kernel_size: tuple[int, int], padding: str) -> LayerCase:
+def _hyper(kw: dict, **case_options) -> dict:
+    """The catalogue's rank and alpha, the case's own options, then the caller's."""
+    return {"rank": RANK, "alpha": ALPHA, **case_options, **kw}
+
+
+def _torch():
+    import torch  # optional: only the PEFT parity suite builds torch twins
+
+    return torch
+
+
+def _conv_case(name, kernel_size, padding, strides=(1, 1), torch_padding=None) -> LayerCase:
+    """A 4 -> 5 channel 2-d convolution; ``torch_padding`` is its twin's ``padding``."""
     return LayerCase(
         name=name,
         make=lambda **kw: dora_jax.DoRAConv(
-            5, kernel_size=kernel_size, padding=padding, rank=RANK, alpha=ALPHA, **kw
+            5, kernel_size=kernel_size, strides=strides, padding=padding, **_hyper(kw)
         ),
-        make_base=lambda: nn.Conv(5, kernel_size=kernel_size, padding=padding),
+        make_base=lambda: nn.Conv(5, kernel_size=kernel_size, strides=strides, padding=padding),
         make_nnx=lambda rngs, **kw: dora_nnx.DoRAConv(
-            4, 5, kernel_size, padding=padding, rank=RANK, alpha=ALPHA, rngs=rngs, **kw
+            4, 5, kernel_size, strides=strides, padding=padding, rngs=rngs, **_hyper(kw)
         ),
         layout=ops.conv_layout(2),
         x_shape=(2, 6, 5, 4),
         in_shape=(*kernel_size, 4),
         features=(5,),
-        design=lambda x: ref.conv2d_design(x, kernel_size, padding),
-        out_shape=lambda s: ref.conv2d_output_shape(s, kernel_size, padding, 5),
+        design=lambda x: ref.conv2d_design(x, kernel_size, padding, strides),
+        out_shape=lambda s: ref.conv2d_output_shape(s, kernel_size, padding, 5, strides),
+        peft_kind="conv",
+        torch_twin=lambda bias: _torch().nn.Conv2d(
+            4, 5, kernel_size, stride=strides, padding=torch_padding, bias=bias
+        ),
     )
 
 
@@ -81,24 +103,24 @@ CASES = {
     for c in [
         LayerCase(
             name="dense",
-            make=lambda **kw: dora_jax.DoRADense(6, rank=RANK, alpha=ALPHA, **kw),
+            make=lambda **kw: dora_jax.DoRADense(6, **_hyper(kw)),
             make_base=lambda: nn.Dense(6),
-            make_nnx=lambda rngs, **kw: dora_nnx.DoRALinear(
-                5, 6, rank=RANK, alpha=ALPHA, rngs=rngs, **kw
-            ),
+            make_nnx=lambda rngs, **kw: dora_nnx.DoRALinear(5, 6, rngs=rngs, **_hyper(kw)),
             layout=ops.dense_layout(),
             x_shape=(2, 3, 5),
             in_shape=(5,),
             features=(6,),
             design=lambda x: ref.dense_design(x, 1),
             out_shape=lambda s: (*s[:-1], 6),
+            peft_kind="linear",
+            torch_twin=lambda bias: _torch().nn.Linear(5, 6, bias=bias),
         ),
         LayerCase(
             name="dense_rslora",
-            make=lambda **kw: dora_jax.DoRADense(6, rank=RANK, alpha=ALPHA, rslora=True, **kw),
+            make=lambda **kw: dora_jax.DoRADense(6, **_hyper(kw, rslora=True)),
             make_base=lambda: nn.Dense(6),
             make_nnx=lambda rngs, **kw: dora_nnx.DoRALinear(
-                5, 6, rank=RANK, alpha=ALPHA, rslora=True, rngs=rngs, **kw
+                5, 6, rngs=rngs, **_hyper(kw, rslora=True)
             ),
             layout=ops.dense_layout(),
             x_shape=(4, 5),
@@ -111,11 +133,11 @@ CASES = {
         LayerCase(
             name="dense_general",
             make=lambda **kw: dora_jax.DoRADenseGeneral(
-                features=(3, 4), axis=(-2, -1), rank=RANK, alpha=ALPHA, **kw
+                features=(3, 4), axis=(-2, -1), **_hyper(kw)
             ),
             make_base=lambda: nn.DenseGeneral(features=(3, 4), axis=(-2, -1)),
             make_nnx=lambda rngs, **kw: dora_nnx.DoRALinearGeneral(
-                (4, 5), (3, 4), axis=(-2, -1), rank=RANK, alpha=ALPHA, rngs=rngs, **kw
+                (4, 5), (3, 4), axis=(-2, -1), rngs=rngs, **_hyper(kw)
             ),
             layout=ops.dense_general_layout(0, 2, 2),
             x_shape=(3, 4, 5),
@@ -127,11 +149,11 @@ CASES = {
         LayerCase(
             name="einsum",
             make=lambda **kw: dora_jax.DoRAEinsum(
-                shape=(5, 3, 4), einsum_str="btd,dhk->bthk", rank=RANK, alpha=ALPHA, **kw
+                shape=(5, 3, 4), einsum_str="btd,dhk->bthk", **_hyper(kw)
             ),
             make_base=lambda: nn.Einsum(shape=(5, 3, 4), einsum_str="btd,dhk->bthk"),
             make_nnx=lambda rngs, **kw: dora_nnx.DoRAEinsum(
-                "btd,dhk->bthk", (5, 3, 4), (3, 4), rank=RANK, alpha=ALPHA, rngs=rngs, **kw
+                "btd,dhk->bthk", (5, 3, 4), (3, 4), rngs=rngs, **_hyper(kw)
             ),
             layout=ops.einsum_layout("btd,dhk->bthk"),
             x_shape=(2, 3, 5),
@@ -140,16 +162,16 @@ CASES = {
             design=lambda x: ref.dense_design(x, 1),
             out_shape=lambda s: (*s[:-1], 3, 4),
         ),
-        _conv_case("conv_same_3x3", (3, 3), "SAME"),
-        _conv_case("conv_valid_3x3", (3, 3), "VALID"),
-        _conv_case("conv_same_2x3", (2, 3), "SAME"),
+        _conv_case("conv_same_3x3", (3, 3), "SAME", torch_padding=1),
+        _conv_case("conv_valid_3x3", (3, 3), "VALID", torch_padding=0),
+        _conv_case("conv_same_2x3", (2, 3), "SAME", torch_padding="same"),
+        # Flax's "SAME" pads differently from torch's symmetric padding at stride 2.
+        _conv_case("conv_stride2_3x3", (3, 3), ((1, 1), (1, 1)), (2, 2), torch_padding=1),
         LayerCase(
             name="embed",
-            make=lambda **kw: dora_jax.DoRAEmbed(11, 6, rank=RANK, alpha=ALPHA, **kw),
+            make=lambda **kw: dora_jax.DoRAEmbed(11, 6, **_hyper(kw)),
             make_base=lambda: nn.Embed(11, 6),
-            make_nnx=lambda rngs, **kw: dora_nnx.DoRAEmbed(
-                11, 6, rank=RANK, alpha=ALPHA, rngs=rngs, **kw
-            ),
+            make_nnx=lambda rngs, **kw: dora_nnx.DoRAEmbed(11, 6, rngs=rngs, **_hyper(kw)),
             layout=ops.dense_layout(),
             x_shape=(3, 7),
             in_shape=(11,),
@@ -159,10 +181,13 @@ CASES = {
             vocab=11,
             param="embedding",
             use_bias=False,
+            peft_kind="embed",
+            torch_twin=lambda bias: _torch().nn.Embedding(11, 6),
         ),
     ]
 }
 BASE_CASES = [n for n in CASES if n != "dense_rslora"]
+PEFT_CASES = [n for n, c in CASES.items() if c.torch_twin is not None]
 
 
 # ----------------------------------------------------------------------------- helpers

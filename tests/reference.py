@@ -123,32 +123,48 @@ def same_padding(kernel_size: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def conv2d_design(x, kernel_size: tuple[int, int], padding: str) -> np.ndarray:
-    """Patches of an NHWC input for a stride-1 2-d convolution.
+def conv2d_padding(kernel_size: tuple[int, int], padding, strides=(1, 1)):
+    """``((low, high), (low, high))`` for ``padding`` 'SAME' (stride 1 only), 'VALID' or
+    explicit pairs."""
+    if padding == "SAME":
+        if tuple(strides) != (1, 1):
+            raise ValueError("'SAME' is implemented for stride 1 only; give explicit pairs")
+        return same_padding(kernel_size[0]), same_padding(kernel_size[1])
+    if padding == "VALID":
+        return (0, 0), (0, 0)
+    return tuple(tuple(p) for p in padding)
+
+
+def conv2d_design(x, kernel_size: tuple[int, int], padding, strides=(1, 1)) -> np.ndarray:
+    """Patches of an NHWC input for a 2-d convolution (``padding`` as in
+    :func:`conv2d_padding`).
 
     Returns ``(N * H_out * W_out, kh * kw * C_in)``, ordered like a ``(kh, kw, C_in, C_out)``
     kernel flattened to ``(kh * kw * C_in, C_out)``.
     """
     x = f64(x)
     kh, kw = kernel_size
-    if padding == "SAME":
-        x = np.pad(x, ((0, 0), same_padding(kh), same_padding(kw), (0, 0)))
-    elif padding != "VALID":
-        raise ValueError(f"only 'SAME' and 'VALID' are implemented; got {padding!r}")
+    sh, sw = strides
+    x = np.pad(x, ((0, 0), *conv2d_padding(kernel_size, padding, strides), (0, 0)))
     n, h, w, c = x.shape
-    h_out, w_out = h - kh + 1, w - kw + 1
+    h_out, w_out = (h - kh) // sh + 1, (w - kw) // sw + 1
     patches = np.empty((n, h_out, w_out, kh, kw, c))
     for i in range(kh):
         for j in range(kw):
-            patches[:, :, :, i, j, :] = x[:, i : i + h_out, j : j + w_out, :]
+            patches[:, :, :, i, j, :] = x[
+                :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw, :
+            ]
     return patches.reshape(n * h_out * w_out, kh * kw * c)
 
 
-def conv2d_output_shape(x_shape, kernel_size, padding: str, features: int) -> tuple[int, ...]:
+def conv2d_output_shape(
+    x_shape, kernel_size, padding, features: int, strides=(1, 1)
+) -> tuple[int, ...]:
     n, h, w, _ = x_shape
-    if padding == "VALID":
-        h, w = h - kernel_size[0] + 1, w - kernel_size[1] + 1
-    return (n, h, w, features)
+    (top, bottom), (left, right) = conv2d_padding(kernel_size, padding, strides)
+    h_out = (h + top + bottom - kernel_size[0]) // strides[0] + 1
+    w_out = (w + left + right - kernel_size[1]) // strides[1] + 1
+    return (n, h_out, w_out, features)
 
 
 def embed_design(ids, vocab: int) -> np.ndarray:

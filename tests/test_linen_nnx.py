@@ -1,10 +1,12 @@
 """Linen and NNX DoRA layers compute the same outputs and adapter gradients.
 
-Each case (Dense, DenseGeneral, strided Conv, an Einsum with a batch axis, Embed) builds
-an NNX layer, gives it non-trivial adapters (random ``B``, perturbed magnitude), copies
-every weight into the matching Linen layer's variables, and compares outputs and the
-gradients of ``lora_a``, ``lora_b`` and ``magnitude``, jitted and not, on a float32 and a
-bfloat16 base. The NNX layer also trains through the standard ``nnx.LoRAParam`` filter.
+Each case of the shared catalogue (``conftest.CASES``: Dense, rsLoRA, DenseGeneral,
+Einsum, SAME/VALID/uneven/strided Conv, Embed), plus an Einsum with a batch axis in its
+kernel and its output axes reordered, builds an NNX layer, gives it non-trivial adapters
+(random ``B``, perturbed magnitude), copies every weight into the matching Linen layer's
+variables, and compares outputs and the gradients of ``lora_a``, ``lora_b`` and
+``magnitude``, jitted and not, on a float32 and a bfloat16 base. The NNX layer also trains
+through the standard ``nnx.LoRAParam`` filter.
 """
 
 import flax.linen as nn
@@ -13,58 +15,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import CASES, make_inputs
 from flax import nnx
 
 import dora_jax
 from dora_jax import nnx as dora_nnx
 
 ADAPTERS = ("lora_a", "lora_b", "magnitude")
+BATCH_AXIS_EINSUM = "einsum_batch_axis"
 
 
-def _case(kind: str, dtype):
-    """``(nnx_layer, linen_layer, inputs, base_param_name)`` for one layer kind."""
+def _case(name: str, dtype):
+    """``(nnx_layer, linen_layer, inputs, base_param_name)`` for one case."""
     rngs = nnx.Rngs(0)
-    common = dict(rank=3, alpha=6.0, param_dtype=dtype, dtype=dtype)
-    if kind == "dense":
-        x = jax.random.normal(jax.random.key(1), (4, 7))
-        return (
-            dora_nnx.DoRALinear(7, 5, rngs=rngs, **common),
-            dora_jax.DoRADense(5, **common),
-            x,
-            "kernel",
-        )
-    if kind == "dense_general":
-        x = jax.random.normal(jax.random.key(1), (4, 3, 6))
-        return (
-            dora_nnx.DoRALinearGeneral((3, 6), (2, 5), axis=(-2, -1), rngs=rngs, **common),
-            dora_jax.DoRADenseGeneral((2, 5), axis=(-2, -1), **common),
-            x,
-            "kernel",
-        )
-    if kind == "conv":
-        x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
-        return (
-            dora_nnx.DoRAConv(4, 5, (3, 3), strides=2, padding="SAME", rngs=rngs, **common),
-            dora_jax.DoRAConv(5, (3, 3), strides=2, padding="SAME", **common),
-            x,
-            "kernel",
-        )
-    if kind == "einsum":  # a batch axis (h) in the kernel, output axes in another order
+    common = dict(alpha=6.0, param_dtype=dtype, dtype=dtype)
+    if name == BATCH_AXIS_EINSUM:  # the flat reference of the catalogue has no batch axis
         x = jax.random.normal(jax.random.key(1), (2, 3, 4, 6))
         equation = "bthd,hdk->bkth"
         return (
-            dora_nnx.DoRAEinsum(equation, (4, 6, 5), (5, 4), rngs=rngs, **common),
-            dora_jax.DoRAEinsum(shape=(4, 6, 5), einsum_str=equation, **common),
+            dora_nnx.DoRAEinsum(equation, (4, 6, 5), (5, 4), rank=3, rngs=rngs, **common),
+            dora_jax.DoRAEinsum(shape=(4, 6, 5), einsum_str=equation, rank=3, **common),
             x,
             "kernel",
         )
-    ids = jnp.array([[0, 3, 9], [2, 2, 7]])
-    return (
-        dora_nnx.DoRAEmbed(10, 6, rngs=rngs, **common),
-        dora_jax.DoRAEmbed(10, 6, **common),
-        ids,
-        "embedding",
-    )
+    case = CASES[name]
+    x = make_inputs(case, np.random.default_rng(1))
+    return case.make_nnx(rngs, **common), case.make(**common), x, case.param
 
 
 def _randomise(layer) -> None:
@@ -83,7 +59,7 @@ def _linen_variables(layer, base_name: str) -> dict:
     return {"params": params, "dora": adapters}
 
 
-@pytest.mark.parametrize("kind", ["dense", "dense_general", "conv", "einsum", "embed"])
+@pytest.mark.parametrize("kind", [*CASES, BATCH_AXIS_EINSUM])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_linen_and_nnx_agree(kind, dtype, jit):

@@ -1,9 +1,12 @@
 """Numerical parity of the Linen DoRA layers with HuggingFace PEFT (``use_dora=True``).
 
-PEFT is the reference users compare against (docs/design.md section 2), so for ``nn.Linear``,
-``nn.Conv2d`` and ``nn.Embedding`` wrapped by PEFT we copy the very same weights into
-``DoRADense``, ``DoRAConv`` and ``DoRAEmbed`` (Flax <-> PEFT conventions: transposed
-kernels and factors, NHWC against NCHW) and compare, in float32 on CPU:
+PEFT is the reference users compare against (docs/design.md section 2). For every case of
+the shared catalogue that PEFT has a layer for (``conftest.PEFT_CASES``: ``nn.Linear``,
+``nn.Conv2d`` with SAME, VALID, uneven and strided padding, ``nn.Embedding``), the case's
+torch twin is wrapped by PEFT and the very same weights are copied into the case's Linen
+layer (Flax <-> PEFT conventions: transposed kernels and factors, NHWC against NCHW);
+then, in float32 on CPU, with and without bias and over several ranks, alphas, rsLoRA and
+PEFT's initialisations:
 
 * the outputs, in eval mode and in training mode with one dropout mask injected on both
   sides (PEFT's ``x@W0 + bias + (g-1)*(xd@W0) + g*s*(xd@A)@B``);
@@ -20,11 +23,15 @@ largest reference value: ``|actual - expected| <= RTOL * (|expected| + max|expec
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CASES, PEFT_CASES, make_inputs
 
 import dora_jax
 from dora_jax import ops
@@ -34,6 +41,8 @@ peft = pytest.importorskip("peft")
 
 RTOL = 1e-5
 ADAPTER = "default"
+# torch pads an even kernel's "same" convolution through a padded copy, and says so.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -106,7 +115,7 @@ def set_base_weights(base: torch.nn.Module, rng: np.random.Generator) -> None:
 
 
 def from_numpy(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(x, np.float32))
+    return torch.from_numpy(np.array(x, np.float32))  # a writable copy
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -151,10 +160,6 @@ def torch_adapter_grads(kind: str, layer) -> dict[str, np.ndarray]:
     return factors_to_flax(kind, lora_a.grad, lora_b.grad, magnitude.grad)
 
 
-def layout_of(kind: str) -> ops.Layout:
-    return ops.conv_layout(2) if kind == "conv" else ops.dense_layout()
-
-
 def assert_matches(actual, expected, what: str) -> None:
     """``|actual - expected| <= RTOL * (|expected| + max|expected|)``, elementwise."""
     actual, expected = np.asarray(actual), np.asarray(expected)
@@ -194,105 +199,61 @@ def torch_output_and_grads(layer, x: torch.Tensor, cotangent: torch.Tensor):
 # --------------------------------------------------------------------------- cases
 
 
-LINEAR = dict(in_features=12, out_features=10, batch=(3, 5))
-CONV = dict(in_channels=3, out_channels=5, hw=(9, 8), batch=2)
-EMBED = dict(vocab=11, features=7, batch=(2, 6))
+@dataclasses.dataclass
+class ParityCase:
+    """A catalogue case wrapped by PEFT and its Linen DoRA layer, with inputs and a
+    cotangent in both layouts (torch: NCHW for convolutions; Flax: NHWC)."""
+
+    kind: str  # PEFT's: "linear", "conv" or "embed"
+    peft_model: torch.nn.Module
+    layer: torch.nn.Module  # PEFT's DoRA layer
+    module: nn.Module  # the Linen DoRA layer
+    x: np.ndarray  # Flax layout
+    cotangent: np.ndarray  # Flax layout
+    rng: np.random.Generator
+
+    def torch_input(self, x=None) -> torch.Tensor:
+        x = self.x if x is None else x
+        if self.kind == "embed":
+            return torch.from_numpy(np.array(x, np.int64))
+        return from_numpy(to_torch_layout(self.kind, x))
 
 
-def peft_case(seed, make_base, *, randomize, **lora_kwargs):
-    """``(rng, base, peft_model, lora_layer)``: a seeded torch layer with random weights,
-    wrapped by PEFT, its adapters randomized unless ``randomize`` is false."""
+def to_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 3, 1, 2)) if kind == "conv" else x  # NHWC -> NCHW
+
+
+def to_flax_layout(kind: str, x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 2, 3, 1)) if kind == "conv" else x  # NCHW -> NHWC
+
+
+def make_case(
+    case_name, seed, *, bias=True, r, alpha, rslora=False, dropout=0.0, init=True, randomize=True
+) -> ParityCase:
+    """A seeded torch twin with random weights, wrapped by PEFT (adapters randomized unless
+    ``randomize`` is false), and the catalogue's Linen layer with the same options."""
+    case = CASES[case_name]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    base = make_base()
+    base = case.torch_twin(bias)
     set_base_weights(base, rng)
-    peft_model, layer = wrap_with_peft(base, **lora_kwargs)
+    options = dict(rank=r, alpha=alpha, rslora=rslora)
+    if dropout:
+        options["dropout"] = dropout
+    peft_model, layer = wrap_with_peft(
+        base,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        lora_dropout=dropout,
+        init_lora_weights=init,
+    )
     if randomize:
         randomize_adapters(layer, rng, b_std=0.5)
-    return rng, base, peft_model, layer
-
-
-def make_linear_case(seed, *, bias, r, alpha, rslora=False, dropout=0.0, init=True, randomize=True):
-    rng, _, peft_model, layer = peft_case(
-        seed,
-        lambda: torch.nn.Linear(LINEAR["in_features"], LINEAR["out_features"], bias=bias),
-        randomize=randomize,
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=rslora,
-        lora_dropout=dropout,
-        init_lora_weights=init,
-    )
-    module = dora_jax.DoRADense(
-        features=LINEAR["out_features"],
-        use_bias=bias,
-        rank=r,
-        alpha=alpha,
-        rslora=rslora,
-        dropout=dropout,
-    )
-    x = rng.normal(size=(*LINEAR["batch"], LINEAR["in_features"])).astype(np.float32)
-    cotangent = rng.normal(size=(*LINEAR["batch"], LINEAR["out_features"])).astype(np.float32)
-    return peft_model, layer, module, x, cotangent, rng
-
-
-def make_conv_case(
-    seed, *, stride, r, alpha, rslora=False, dropout=0.0, init=True, bias=True, randomize=True
-):
-    rng, base, peft_model, layer = peft_case(
-        seed,
-        lambda: torch.nn.Conv2d(
-            CONV["in_channels"], CONV["out_channels"], 3, stride=stride, padding=1, bias=bias
-        ),
-        randomize=randomize,
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=rslora,
-        lora_dropout=dropout,
-        init_lora_weights=init,
-    )
-    module = dora_jax.DoRAConv(
-        features=CONV["out_channels"],
-        kernel_size=(3, 3),
-        strides=(stride, stride),
-        padding=((1, 1), (1, 1)),  # torch's symmetric padding=1 (Flax "SAME" differs at stride 2)
-        use_bias=bias,
-        rank=r,
-        alpha=alpha,
-        rslora=rslora,
-        dropout=dropout,
-    )
-    x_nchw = rng.normal(size=(CONV["batch"], CONV["in_channels"], *CONV["hw"])).astype(np.float32)
-    with torch.no_grad():
-        out_shape = tuple(base(from_numpy(x_nchw)).shape)
-    cotangent_nchw = rng.normal(size=out_shape).astype(np.float32)
-    return peft_model, layer, module, x_nchw, cotangent_nchw, rng
-
-
-def make_embed_case(seed, *, r, alpha, rslora=False, init=True, randomize=True):
-    rng, _, peft_model, layer = peft_case(
-        seed,
-        lambda: torch.nn.Embedding(EMBED["vocab"], EMBED["features"]),
-        randomize=randomize,
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=rslora,
-        init_lora_weights=init,
-    )
-    module = dora_jax.DoRAEmbed(
-        num_embeddings=EMBED["vocab"],
-        features=EMBED["features"],
-        rank=r,
-        alpha=alpha,
-        rslora=rslora,
-    )
-    ids = rng.integers(0, EMBED["vocab"], size=EMBED["batch"])
-    cotangent = rng.normal(size=(*EMBED["batch"], EMBED["features"])).astype(np.float32)
-    return peft_model, layer, module, ids, cotangent, rng
-
-
-def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, (0, 2, 3, 1))
+    module = case.make(**options, **({"use_bias": bias} if case.use_bias else {}))
+    x = np.asarray(make_inputs(case, rng))
+    cotangent = rng.normal(size=case.out_shape(x.shape)).astype(np.float32)
+    return ParityCase(case.peft_kind, peft_model, layer, module, x, cotangent, rng)
 
 
 def cache_from_layer(module, variables, x) -> dict:
@@ -300,25 +261,21 @@ def cache_from_layer(module, variables, x) -> dict:
     return dora_jax.linen.cache_base_norms(module, variables, x)
 
 
-def check_merge(kind, peft_model, layer, variables, r, alpha, rslora) -> None:
+def check_merge(case, peft_model, variables, r, alpha, rslora) -> None:
     """``merge_and_unload`` against ``ops.merge`` (in Flax orientation)."""
     scale = ops.scaling(r, alpha, rslora)
-    base_key = "embedding" if kind == "embed" else "kernel"
     expected_bias = variables["params"].get("bias")
     dora = variables["dora"]
+    kernel = variables["params"][case.param]
     merged = ops.merge(
-        variables["params"][base_key],
-        dora["lora_a"],
-        dora["lora_b"],
-        dora["magnitude"],
-        scale,
-        layout_of(kind),
+        kernel, dora["lora_a"], dora["lora_b"], dora["magnitude"], scale, case.layout
     )
     with torch.no_grad():
         unloaded = peft_model.merge_and_unload().layer
     assert type(unloaded) in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
-    assert_matches(merged, kernel_to_flax(kind, to_numpy(unloaded.weight)), f"{kind} merged weight")
-    assert_nontrivial(merged, variables["params"][base_key])
+    want = kernel_to_flax(case.peft_kind, to_numpy(unloaded.weight))
+    assert_matches(merged, want, f"{case.name} merged weight")
+    assert_nontrivial(merged, kernel)
     if expected_bias is not None:
         np.testing.assert_array_equal(to_numpy(unloaded.bias), expected_bias)
 
@@ -331,156 +288,114 @@ def assert_nontrivial(y_adapted, y_base) -> None:
 
 # --------------------------------------------------------------------------- tests
 
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("cached", [False, True], ids=["nocache", "cache"])
-@pytest.mark.parametrize(
+HYPERPARAMETERS = pytest.mark.parametrize(
     "r, alpha, rslora, init",
     [(4, 8.0, False, True), (4, 8.0, True, "gaussian"), (3, 5.0, False, False)],
     ids=["r4", "r4-rslora", "r3-noinit"],
 )
-def test_linear_matches_peft(bias, jit, cached, r, alpha, rslora, init):
-    peft_model, layer, module, x, cotangent, _ = make_linear_case(
-        0, bias=bias, r=r, alpha=alpha, rslora=rslora, init=init
-    )
-    peft_model.eval()
-    variables = flax_variables("linear", layer)
+
+
+def _layer_configs():
+    """(case, bias, jit, cached): each case with and without bias (where it has one), eager
+    without the norm cache and jitted with it; the Linear case in every combination."""
+    for name in PEFT_CASES:
+        modes = [(False, False), (True, True)]
+        if CASES[name].peft_kind == "linear":
+            modes += [(False, True), (True, False)]
+        for bias in (True, False) if CASES[name].use_bias else (False,):
+            for jit, cached in modes:
+                mode = f"{'jit' if jit else 'eager'}-{'cache' if cached else 'nocache'}"
+                yield pytest.param(name, bias, jit, cached, id=f"{name}-bias{int(bias)}-{mode}")
+
+
+@pytest.mark.parametrize("case_name, bias, jit, cached", list(_layer_configs()))
+@HYPERPARAMETERS
+def test_layer_matches_peft(case_name, bias, jit, cached, r, alpha, rslora, init):
+    c = make_case(case_name, 0, bias=bias, r=r, alpha=alpha, rslora=rslora, init=init)
+    c.peft_model.eval()
+    variables = flax_variables(c.kind, c.layer)
+    x = jnp.asarray(c.x)
     if cached:
-        variables = cache_from_layer(module, variables, x)
+        variables = cache_from_layer(c.module, variables, x)
         assert set(variables) == {"params", "dora", "dora_cache"}
 
-    y_t, x_grad_t = torch_output_and_grads(layer, from_numpy(x), from_numpy(cotangent))
-    y, grads, x_grad = flax_output_and_grads(module.apply, variables, x, cotangent, jit=jit)
-
-    assert_matches(y, to_numpy(y_t), "linear output")
-    assert_nontrivial(y, to_numpy(layer.get_base_layer()(from_numpy(x))))
-    for name, expected in torch_adapter_grads("linear", layer).items():
-        assert_matches(grads[name], expected, f"linear grad {name}")
-    assert_matches(x_grad, to_numpy(x_grad_t), "linear grad input")
-    check_merge("linear", peft_model, layer, variables, r, alpha, rslora)
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_conv2d_matches_peft(stride, bias):
-    r, alpha = 2, 6.0
-    peft_model, layer, module, x_nchw, cot_nchw, _ = make_conv_case(
-        1, stride=stride, r=r, alpha=alpha, bias=bias
+    y_t, x_grad_t = torch_output_and_grads(
+        c.layer, c.torch_input(), from_numpy(to_torch_layout(c.kind, c.cotangent))
     )
-    peft_model.eval()
-    variables = flax_variables("conv", layer)
-    x, cotangent = nchw_to_nhwc(x_nchw), nchw_to_nhwc(cot_nchw)
+    y, grads, x_grad = flax_output_and_grads(c.module.apply, variables, x, c.cotangent, jit=jit)
 
-    y_t, x_grad_t = torch_output_and_grads(layer, from_numpy(x_nchw), from_numpy(cot_nchw))
-    y, grads, x_grad = flax_output_and_grads(module.apply, variables, x, cotangent)
-
-    assert_matches(y, nchw_to_nhwc(to_numpy(y_t)), "conv output")
-    base_y = nchw_to_nhwc(to_numpy(layer.get_base_layer()(from_numpy(x_nchw))))
-    assert_nontrivial(y, base_y)
-    for name, expected in torch_adapter_grads("conv", layer).items():
-        assert_matches(grads[name], expected, f"conv grad {name}")
-    assert_matches(x_grad, nchw_to_nhwc(to_numpy(x_grad_t)), "conv grad input")
-    check_merge("conv", peft_model, layer, variables, r, alpha, False)
+    assert_matches(y, to_flax_layout(c.kind, to_numpy(y_t)), f"{case_name} output")
+    base_y = to_numpy(c.layer.get_base_layer()(c.torch_input()))
+    assert_nontrivial(y, to_flax_layout(c.kind, base_y))
+    for name, expected in torch_adapter_grads(c.kind, c.layer).items():
+        assert_matches(grads[name], expected, f"{case_name} grad {name}")
+    if x_grad is not None:
+        want = to_flax_layout(c.kind, to_numpy(x_grad_t))
+        assert_matches(x_grad, want, f"{case_name} grad input")
+    check_merge(CASES[case_name], c.peft_model, variables, r, alpha, rslora)
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["plain", "rslora"])
-@pytest.mark.parametrize("cached", [False, True], ids=["nocache", "cache"])
-def test_embedding_matches_peft(rslora, cached):
-    r, alpha = 3, 4.0
-    peft_model, layer, module, ids, cotangent, _ = make_embed_case(
-        2, r=r, alpha=alpha, rslora=rslora
-    )
-    peft_model.eval()
-    variables = flax_variables("embed", layer)
-    ids_jax = jnp.asarray(ids, jnp.int32)
-    if cached:
-        variables = cache_from_layer(module, variables, ids_jax)
-
-    y_t, _ = torch_output_and_grads(layer, torch.from_numpy(ids), from_numpy(cotangent))
-    y, grads, _ = flax_output_and_grads(module.apply, variables, ids_jax, cotangent)
-
-    assert_matches(y, to_numpy(y_t), "embedding output")
-    assert_nontrivial(y, to_numpy(layer.get_base_layer()(torch.from_numpy(ids))))
-    for name, expected in torch_adapter_grads("embed", layer).items():
-        assert_matches(grads[name], expected, f"embedding grad {name}")
-    check_merge("embed", peft_model, layer, variables, r, alpha, rslora)
-
-
-@pytest.mark.parametrize("kind", ["linear", "conv-stride1", "conv-stride2"])
-def test_dropout_training_matches_peft(kind):
+@pytest.mark.parametrize("case_name", [n for n in PEFT_CASES if CASES[n].peft_kind != "embed"])
+def test_dropout_training_matches_peft(case_name):
     """One keep-mask injected into both PEFT's and the Linen layer's adapter dropout."""
     rate, r, alpha = 0.3, 3, 6.0
-    if kind == "linear":
-        peft_model, layer, module, x_t, cot_t, rng = make_linear_case(
-            3, bias=True, r=r, alpha=alpha, dropout=rate
-        )
-        to_flax = lambda a: a  # noqa: E731
-    else:
-        stride = int(kind[-1])
-        peft_model, layer, module, x_t, cot_t, rng = make_conv_case(
-            3, stride=stride, r=r, alpha=alpha, dropout=rate
-        )
-        to_flax = nchw_to_nhwc
-    assert isinstance(layer.lora_dropout[ADAPTER], torch.nn.Dropout)
-    mask = (rng.random(size=x_t.shape) >= rate).astype(np.float32)
-    variables = flax_variables(kind.split("-")[0], layer)
-    x, cotangent, flax_mask = to_flax(x_t), to_flax(cot_t), to_flax(mask)
+    c = make_case(case_name, 3, r=r, alpha=alpha, dropout=rate)
+    assert isinstance(c.layer.lora_dropout[ADAPTER], torch.nn.Dropout)
+    flax_mask = (c.rng.random(size=c.x.shape) >= rate).astype(np.float32)
+    variables = flax_variables(c.kind, c.layer)
+    x, to_flax = jnp.asarray(c.x), functools.partial(to_flax_layout, c.kind)
+    torch_cotangent = from_numpy(to_torch_layout(c.kind, c.cotangent))
 
     # Eval mode: dropout off on both sides.
-    peft_model.eval()
+    c.peft_model.eval()
     with torch.no_grad():
-        y_eval_t = to_numpy(layer(from_numpy(x_t)))
-    y_eval = module.apply(variables, x, deterministic=True)
-    assert_matches(y_eval, to_flax(y_eval_t), f"{kind} eval output with dropout configured")
+        y_eval_t = to_numpy(c.layer(c.torch_input()))
+    y_eval = c.module.apply(variables, x, deterministic=True)
+    assert_matches(y_eval, to_flax(y_eval_t), f"{case_name} eval output with dropout configured")
 
     # Training mode, the same mask on both sides.
-    layer.lora_dropout[ADAPTER] = FixedMaskDropout(mask, rate)
-    peft_model.train()
-    y_t, x_grad_t = torch_output_and_grads(layer, from_numpy(x_t), from_numpy(cot_t))
+    torch_mask = to_torch_layout(c.kind, flax_mask)
+    c.layer.lora_dropout[ADAPTER] = FixedMaskDropout(torch_mask, rate)
+    c.peft_model.train()
+    y_t, x_grad_t = torch_output_and_grads(c.layer, c.torch_input(), torch_cotangent)
 
     def train_apply(variables, x):
         with nn.intercept_methods(fixed_mask_dropout(flax_mask, rate)):
-            return module.apply(
+            return c.module.apply(
                 variables, x, deterministic=False, rngs={"dropout": jax.random.key(0)}
             )
 
-    y, grads, x_grad = flax_output_and_grads(train_apply, variables, x, cotangent)
+    y, grads, x_grad = flax_output_and_grads(train_apply, variables, x, c.cotangent)
 
-    assert_matches(y, to_flax(to_numpy(y_t)), f"{kind} training output")
+    assert_matches(y, to_flax(to_numpy(y_t)), f"{case_name} training output")
     assert_nontrivial(y, y_eval)  # the mask matters
-    for name, expected in torch_adapter_grads(kind.split("-")[0], layer).items():
-        assert_matches(grads[name], expected, f"{kind} training grad {name}")
-    assert_matches(x_grad, to_flax(to_numpy(x_grad_t)), f"{kind} training grad input")
+    for name, expected in torch_adapter_grads(c.kind, c.layer).items():
+        assert_matches(grads[name], expected, f"{case_name} training grad {name}")
+    assert_matches(x_grad, to_flax(to_numpy(x_grad_t)), f"{case_name} training grad input")
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv", "embed"])
-def test_magnitude_init_matches_peft(kind):
+@pytest.mark.parametrize("case_name", PEFT_CASES)
+def test_magnitude_init_matches_peft(case_name):
     """With ``init_lora_weights=False`` PEFT's factors start nonzero and its magnitude is
     ``||W0 + s*A@B||_c`` of them, not ``||W0||_c``."""
     r, alpha = 3, 6.0
-    common = dict(r=r, alpha=alpha, init=False, randomize=False)
-    if kind == "linear":
-        _, layer, module, x, _, _ = make_linear_case(4, bias=True, **common)
-    elif kind == "conv":
-        _, layer, module, x, _, _ = make_conv_case(4, stride=1, **common)
-        x = nchw_to_nhwc(x)
-    else:
-        _, layer, module, x, _, _ = make_embed_case(4, **common)
-        x = jnp.asarray(x, jnp.int32)
-    variables = flax_variables(kind, layer)
+    case = CASES[case_name]
+    c = make_case(case_name, 4, r=r, alpha=alpha, init=False, randomize=False)
+    variables = flax_variables(c.kind, c.layer)
     dora = variables["dora"]
     peft_magnitude = np.asarray(dora["magnitude"])
-    kernel = variables["params"]["embedding" if kind == "embed" else "kernel"]
-    base_norm = np.asarray(ops.column_norm(kernel, layout_of(kind)))
+    kernel = variables["params"][case.param]
+    base_norm = np.asarray(ops.column_norm(kernel, case.layout))
     assert not np.allclose(peft_magnitude, base_norm, rtol=1e-3)  # B really is nonzero
 
     scale = ops.scaling(r, alpha, False)
-    from_ops = ops.init_magnitude(kernel, dora["lora_a"], dora["lora_b"], scale, layout_of(kind))
-    assert_matches(from_ops, peft_magnitude, f"{kind} ops.init_magnitude")
+    from_ops = ops.init_magnitude(kernel, dora["lora_a"], dora["lora_b"], scale, case.layout)
+    assert_matches(from_ops, peft_magnitude, f"{case_name} ops.init_magnitude")
 
     stale = {**variables, "dora": {**dora, "magnitude": jnp.ones_like(dora["magnitude"])}}
-    recomputed = dora_jax.recompute_magnitudes(module, stale, x)
-    assert_matches(recomputed["dora"]["magnitude"], peft_magnitude, f"{kind} recompute_magnitudes")
+    recomputed = dora_jax.recompute_magnitudes(c.module, stale, jnp.asarray(c.x))
+    assert_matches(
+        recomputed["dora"]["magnitude"], peft_magnitude, f"{case_name} recompute_magnitudes"
+    )
     np.testing.assert_array_equal(recomputed["dora"]["lora_a"], dora["lora_a"])
     np.testing.assert_array_equal(recomputed["dora"]["lora_b"], dora["lora_b"])
