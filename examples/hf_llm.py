@@ -2,7 +2,7 @@
 save merged, and PEFT adapters with Hugging Face's module names.
 
 * :func:`load_pretrained` ``(folder, *, dtype=jnp.bfloat16, mesh=None, shardings=None,
-  rngs=None) -> (model, config)`` reads ``config.json`` and the safetensors weights
+  rngs=None, remat=False) -> (model, config)`` reads ``config.json`` and the safetensors weights
   (``model.safetensors``, or the shards a ``model.safetensors.index.json`` names)
   tensor by tensor straight onto the devices: the model is built abstractly
   (``nnx.eval_shape``) and each parameter is made with ``jax.make_array_from_callback``,
@@ -207,6 +207,7 @@ def load_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     shardings: ShardingRule | None = None,
     rngs: nnx.Rngs | None = None,
+    remat: bool = False,
 ) -> tuple[Llama, LlamaConfig]:
     """The :class:`~llama.Llama` of a Hugging Face folder, with its weights on devices.
 
@@ -219,6 +220,8 @@ def load_pretrained(
         ``("model/layers/0/mlp/up_proj/kernel", (2048, 5632))``; default
         :func:`fsdp_sharding` of the mesh.
       rngs: only to build the model's structure (no value comes from it).
+      remat: ``Llama(..., remat=True)``: each decoder block recomputed in the backward
+        pass (for training).
 
     Each device's shard of each tensor is read from the file (memory-mapped, one tensor
     at a time), transposed to Flax's ``(in, out)`` and cast on its own: no second copy
@@ -233,7 +236,8 @@ def load_pretrained(
     config = read_config(folder)
     rngs = rngs or nnx.Rngs(0)
     model = nnx.eval_shape(
-        lambda rngs: Llama(config, dtype=dtype, param_dtype=dtype, rngs=rngs), rngs
+        lambda rngs: Llama(config, dtype=dtype, param_dtype=dtype, remat=remat, rngs=rngs),
+        rngs,
     )
     if mesh is not None and shardings is None:
         shardings = fsdp_sharding(mesh)

@@ -1,0 +1,408 @@
+"""The Llama-family decoder of ``examples/llama.py`` and the Hugging Face folders of
+``examples/hf_llm.py``, against transformers and PEFT themselves.
+
+Tiny random torch models (Llama with llama3 rope scaling, Qwen 2 with q/k/v biases and
+tied embeddings, Qwen 3 with q/k norms, Mistral with a sliding window) are saved with
+``save_pretrained`` and loaded by the JAX model: float32 logits (with left padding) to
+1e-4 relative and 20 greedy tokens identical to ``generate(do_sample=False)``. DoRA
+adapters cross both ways through PEFT folders, and a merged folder loads with
+``AutoModelForCausalLM.from_pretrained``. Loading onto an 8-device CPU mesh runs in a
+subprocess (the device count is fixed when JAX starts).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dora_jax
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOL = 1e-4
+VOCAB = 128
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+llama = _load("llama")
+hf_llm = _load("hf_llm")
+
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 64,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,  # small, so the 8 to 40 positions are scaled
+}
+CASES = {
+    "llama3": ("LlamaConfig", {"rope_scaling": dict(LLAMA3_ROPE), "rope_theta": 500000.0}),
+    "qwen2_tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    "mistral_window": ("MistralConfig", {"sliding_window": 5}),
+}
+
+
+def _torch_model(case: str):
+    class_name, extra = CASES[case]
+    if not hasattr(transformers, class_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
+    torch.manual_seed(0)
+    config = getattr(transformers, class_name)(**SMALL, **copy.deepcopy(extra))  # it edits dicts
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases and norm scales are zero / one at init: randomise them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """``{case: (torch model, folder)}``; llama3 is saved in 100 KB shards too."""
+    made = {}
+    root = tmp_path_factory.mktemp("hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in CASES:
+            class_name = CASES[case][0]
+            if not hasattr(transformers, class_name):
+                continue
+            model = _torch_model(case)
+            model.save_pretrained(root / case)
+            made[case] = (model, root / case)
+        model = made["llama3"][0]
+        model.save_pretrained(root / "sharded", max_shard_size="100KB")
+        made["sharded"] = (model, root / "sharded")
+    return made
+
+
+def _inputs():
+    """Two prompts of 12 tokens, the second left-padded by 3, and their positions."""
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+    mask = np.ones((2, 12), np.int64)
+    mask[1, :3] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+@nnx.jit
+def _forward(model, ids, mask=None):
+    return model(ids, attention_mask=mask)
+
+
+def _torch_logits(model, ids, mask=None, positions=None):
+    with torch.no_grad():
+        out = model(
+            torch.tensor(ids),
+            attention_mask=None if mask is None else torch.tensor(mask),
+            position_ids=None if positions is None else torch.tensor(positions),
+        )
+    return out.logits.float().numpy()
+
+
+def _relative(ours, theirs, rows=None) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if rows is not None:
+        ours, theirs = ours[rows], theirs[rows]
+    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("case", [*CASES, "sharded"])
+def test_logits_and_greedy_generation_match_transformers(folders, case):
+    if case not in folders:
+        pytest.skip(f"transformers has no {CASES[case][0]}")
+    torch_model, folder = folders[case]
+    model, config = hf_llm.load_pretrained(folder, dtype=jnp.float32)
+    assert config == llama.LlamaConfig.from_hf(torch_model.config.to_dict())
+    ids, mask, positions = _inputs()
+    theirs = _torch_logits(torch_model, ids, mask, positions)
+    ours = _forward(model, jnp.asarray(ids), jnp.asarray(mask))
+    assert ours.dtype == jnp.float32 and ours.shape == (2, 12, VOCAB)
+    assert _relative(ours, theirs, mask.astype(bool)) < TOL  # padding queries are garbage
+    if case == "sharded":
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch_model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
+    generated = np.asarray(llama.generate(model, ids, 20, attention_mask=mask))
+    np.testing.assert_array_equal(generated, expected)
+
+
+def test_remat_and_bfloat16(folders):
+    """remat changes no gradient; a bfloat16 load computes bfloat16 close to float32."""
+    folder = folders["llama3"][1]
+    ids = jnp.asarray(_inputs()[0])
+
+    def loss(model):
+        logits = model(ids)
+        return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(ids[:, 1:], VOCAB))
+
+    grads = []
+    for remat in (False, True):
+        model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32, remat=remat)
+        assert model.model.remat == remat
+        grads.append(nnx.jit(nnx.grad(loss))(model))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    low, _ = hf_llm.load_pretrained(folder)  # bfloat16 by default
+    assert low.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    high, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
+    assert _relative(_forward(low, ids), _forward(high, ids)) < 5e-2
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_config_round_trip():
+    config = llama.LlamaConfig(**SMALL, rope_scaling=LLAMA3_ROPE, attention_bias=True)
+    assert llama.LlamaConfig.from_hf(config.to_hf()) == config
+    hf = transformers.LlamaConfig(**config.to_hf())
+    assert llama.LlamaConfig.from_hf(hf.to_dict()) == config
+    legacy = {"model_type": "llama", **SMALL, "rope_theta": 1e4, "rope_scaling": LLAMA3_ROPE}
+    assert llama.LlamaConfig.from_hf(legacy).rope_scaling_dict == LLAMA3_ROPE
+    assert hash(config)  # static in the model's graph
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not implemented"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear' is not implemented"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+        ({"attention_dropout": 0.1}, "attention_dropout"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "sliding window"),
+        ({"model_type": "qwen3", "layer_types": ["sliding_attention"] * 2}, "sliding window"),
+        ({"moe_num_experts": 8}, "field 'moe_num_experts' = 8 is not known"),
+    ],
+)
+def test_config_refusals(change, message):
+    data = {"model_type": "llama", **SMALL, **change}
+    with pytest.raises(ValueError, match=message):
+        llama.LlamaConfig.from_hf(data)
+
+
+def _rewrite(folder: Path, out: Path, edit) -> Path:
+    """A copy of a one-file folder whose tensors ``edit(dict)`` changed."""
+    from safetensors.numpy import load_file, save_file
+
+    out.mkdir()
+    (out / "config.json").write_text((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+def test_checkpoint_refusals(folders, tmp_path):
+    folder = folders["llama3"][1]
+    missing = _rewrite(
+        folder, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
+    )
+    with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        hf_llm.load_pretrained(missing)
+    extra = _rewrite(
+        folder,
+        tmp_path / "extra",
+        lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)}),
+    )
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.extra"
+    ):
+        hf_llm.load_pretrained(extra)
+    wrong = _rewrite(
+        folder,
+        tmp_path / "wrong",
+        lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}),
+    )
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(63,\)"):
+        hf_llm.load_pretrained(wrong)
+    (tmp_path / "yarn").mkdir()
+    data = json.loads((folder / "config.json").read_text())
+    data["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    (tmp_path / "yarn" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"yarn.*config\.json|config\.json.*yarn"):
+        hf_llm.load_pretrained(tmp_path / "yarn")
+
+
+# ------------------------------------------------------------------------------ PEFT
+
+
+def _peft_config(**kwargs):
+    return peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, lora_dropout=0.0, **kwargs
+    )
+
+
+def test_peft_dora_trained_in_torch_loads_into_jax(folders, tmp_path):
+    torch_model, folder = folders["llama3"]
+    twin = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = peft.get_peft_model(twin, _peft_config())
+    optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.tensor(_inputs()[0])
+    for _ in range(3):  # moves lora_B off zero and the magnitudes off ||W0||
+        loss = adapted(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapted.eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    theirs = _torch_logits(adapted, _inputs()[0])
+    base_logits = _torch_logits(torch_model, _inputs()[0])
+    assert _relative(theirs, base_logits) > 1e-3  # the adapter changes the logits
+
+    model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
+    model, config = hf_llm.load_adapter(model, tmp_path / "adapter")
+    assert config.use_dora and config.rank == 4
+    assert isinstance(model.model.layers[1].mlp.down_proj, dora_jax.nnx.DoRALinear)
+    assert _relative(_forward(model, jnp.asarray(_inputs()[0])), theirs) < TOL
+
+
+def test_jax_adapter_loads_in_peft_and_merged_folder_in_transformers(folders, tmp_path):
+    torch_model, folder = folders["sharded"]  # several files: the layout is kept
+    model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
+    config = dora_jax.DoRAConfig(targets=TARGETS, rank=4, alpha=8)
+    dora_jax.nnx.apply_dora(model, config, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(2)
+    for _, layer in nnx.iter_graph(model):  # stands in for training
+        if isinstance(layer, dora_jax.nnx.DoRALayer):
+            layer.lora_b[...] = jnp.asarray(rng.normal(0, 0.05, layer.lora_b.shape), jnp.float32)
+            layer.magnitude[...] = layer.magnitude[...] * rng.uniform(0.8, 1.2)
+    ids = _inputs()[0]
+    ours = _forward(model, jnp.asarray(ids))
+    assert _relative(ours, _torch_logits(torch_model, ids)) > 1e-3
+
+    hf_llm.save_adapter(model, tmp_path / "adapter", config)
+    weights = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(weights["target_modules"])[0] == "model.layers.0.mlp.down_proj"
+    twin = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with warnings.catch_warnings():  # transformers' own deprecations, inside PEFT
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = peft.PeftModel.from_pretrained(twin, tmp_path / "adapter").eval()
+    assert _relative(ours, _torch_logits(loaded, ids)) < TOL
+
+    hf_llm.save_merged(model, tmp_path / "merged", like=folder)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, dora_jax.nnx.DoRALinear)
+    names = sorted(p.name for p in folder.iterdir())
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == names
+    index = "model.safetensors.index.json"
+    assert (tmp_path / "merged" / index).read_text() == (folder / index).read_text()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert _relative(ours, _torch_logits(plain, ids)) < TOL
+    merged = dora_jax.nnx.merge_adapters(model)  # what save_merged wrote, in JAX
+    for name, (module, leaf, transposed) in hf_llm.parameter_names(merged).items():
+        value = np.asarray(getattr(module, leaf)[...])
+        np.testing.assert_array_equal(
+            plain.state_dict()[name].numpy(), value.T if transposed else value
+        )
+
+
+# --------------------------------------------------------------------------- sharded
+
+SHARDED = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import copy
+import importlib.util
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec
+examples, folder, expected = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("hf_llm", examples + "/hf_llm.py")
+hf_llm = importlib.util.module_from_spec(spec)
+sys.modules["hf_llm"] = hf_llm
+spec.loader.exec_module(hf_llm)
+assert jax.device_count() == 8
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "data"))
+model, config = hf_llm.load_pretrained(folder, dtype=jnp.float32, mesh=mesh)
+q = model.model.layers[0].self_attn.q_proj.kernel[...]
+assert q.sharding.spec == PartitionSpec("fsdp", None), q.sharding
+assert {s.data.shape for s in q.addressable_shards} == {(16, 64)}
+embed = model.model.embed_tokens.embedding[...]
+assert embed.sharding.spec == PartitionSpec("fsdp", None), embed.sharding
+norm = model.model.norm.scale[...]
+assert norm.sharding.spec == PartitionSpec("fsdp"), norm.sharding
+ids = jnp.asarray(np.load(expected)["ids"])
+logits = jax.jit(lambda ids: model(ids))(ids)
+np.testing.assert_allclose(logits, np.load(expected)["logits"], rtol=0, atol=1e-5)
+rule = lambda path, shape: PartitionSpec(*([None] * len(shape)))
+replicated, _ = hf_llm.load_pretrained(folder, mesh=mesh, shardings=rule)
+assert replicated.model.layers[1].mlp.up_proj.kernel[...].sharding.is_fully_replicated
+print("ok")
+"""
+
+
+def test_sharded_load_onto_an_eight_device_mesh(folders, tmp_path):
+    folder = folders["sharded"][1]
+    model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
+    ids = _inputs()[0]
+    logits = np.asarray(_forward(model, jnp.asarray(ids)))
+    np.savez(tmp_path / "expected.npz", ids=ids, logits=logits)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SHARDED),
+            str(EXAMPLES),
+            str(folder),
+            str(tmp_path / "expected.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
