@@ -28,6 +28,11 @@ collections, so users see the same collections as with the layers. The wrapper i
 module of its own: it runs the model's own ``init`` / ``apply`` (any ``method=``, names
 and functions alike) under the interceptor, so it takes no name from the model.
 
+**Many adapters in one batch.** :func:`stack_adapters` stacks ``K`` adapters trained
+on one base; ``StackedModel.apply(variables, x, adapter_ids=ids)`` runs example ``i``
+through adapter ``ids[i]`` (``-1``: the base) with one shared ``x @ W0``
+(:mod:`dora_jax.linen.multi`).
+
 The frozen linear map (padding, dilation, precision, dtype promotion) is Flax's own: a
 plain Flax layer runs on ``W0`` and on ``A``; the DoRA math is :mod:`dora_jax.ops`.
 """
@@ -50,6 +55,7 @@ from dora_jax.linen.models import (
     recompute_magnitudes,
     summary,
 )
+from dora_jax.linen.multi import StackedModel, stack_adapters
 from dora_jax.linen.wrap import DoRAModel, join_adapters, split_adapters, wrap
 
 __all__ = [
@@ -70,6 +76,8 @@ __all__ = [
     "merge_params",
     "recompute_magnitudes",
     "split_adapters",
+    "stack_adapters",
+    "StackedModel",
     "summary",
     "wrap",
 ]

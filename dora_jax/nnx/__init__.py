@@ -5,6 +5,8 @@ Each DoRA layer subclasses the NNX layer it adapts (``DoRALinear`` is an ``nnx.L
 and computes with that layer's own products; the adapters are ``nnx.LoRAParam``
 subclasses, so ``nnx.LoRAParam`` filters exactly what trains. :func:`apply_dora` adapts
 an unmodified model in place and :func:`merge_adapters` folds the adapters back.
+:func:`stack_adapters` and :func:`with_adapter_ids` (:mod:`dora_jax.nnx.multi`) run
+``K`` adapters of one base in one batch, each example naming its adapter.
 """
 
 from dora_jax.nnx.layers import (
@@ -19,6 +21,17 @@ from dora_jax.nnx.layers import (
     Magnitude,
     NormCache,
 )
+from dora_jax.nnx.multi import (
+    STACKED_CLASSES,
+    StackedConv,
+    StackedEinsum,
+    StackedLayer,
+    StackedLinear,
+    StackedLinearGeneral,
+    StackedParam,
+    stack_adapters,
+    with_adapter_ids,
+)
 from dora_jax.nnx.surgery import (
     SavedParam,
     apply_dora,
@@ -32,7 +45,6 @@ from dora_jax.nnx.surgery import (
     update_from_linen_variables,
 )
 
-
 __all__ = [
     "DORA_CLASSES",
     "DoRAConv",
@@ -44,7 +56,14 @@ __all__ = [
     "DoRAParam",
     "Magnitude",
     "NormCache",
+    "STACKED_CLASSES",
     "SavedParam",
+    "StackedConv",
+    "StackedEinsum",
+    "StackedLayer",
+    "StackedLinear",
+    "StackedLinearGeneral",
+    "StackedParam",
     "apply_dora",
     "as_linen_variables",
     "cache_base_norms",
@@ -52,6 +71,8 @@ __all__ = [
     "clear_base_norms",
     "clear_norms",
     "merge_adapters",
+    "stack_adapters",
     "summary",
     "update_from_linen_variables",
+    "with_adapter_ids",
 ]
