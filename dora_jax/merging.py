@@ -95,7 +95,7 @@ class KernelAdapter(NamedTuple):
 def _merged_float32(kernel: Array, adapter: KernelAdapter, layout: ops.Layout, eps: float):
     """``W'`` of one adapter in float32 (not yet cast)."""
     return ops.merge(
-        jnp.asarray(kernel).astype(jnp.float32),
+        _float32(kernel),
         adapter.lora_a,
         adapter.lora_b,
         adapter.magnitude,
@@ -103,6 +103,21 @@ def _merged_float32(kernel: Array, adapter: KernelAdapter, layout: ops.Layout, e
         layout,
         eps=eps,
     )
+
+
+def _float32(x: Array):
+    """``x`` as a float32 JAX array (a float64 one is rounded by NumPy: JAX without x64
+    would warn)."""
+    return jnp.asarray(np.asarray(x, np.float32) if np.dtype(x.dtype) == np.float64 else x).astype(
+        jnp.float32
+    )
+
+
+def _cast(x, dtype) -> Array:
+    """Cast once to the kernel's dtype (float64 by NumPy, the rest by JAX)."""
+    if np.dtype(dtype) == np.float64:
+        return np.asarray(x).astype(np.float64)
+    return jnp.asarray(x).astype(dtype)
 
 
 def weighted_merge(
@@ -138,15 +153,15 @@ def weighted_merge(
         raise ValueError(
             f"weighted_merge: combination must be one of {COMBINATIONS}; got {combination!r}."
         )
-    kernel = jnp.asarray(kernel)
+    dtype = kernel.dtype
     if len(adapters) == 1 and weights[0] == 1.0:
-        return _merged_float32(kernel, adapters[0], layout, eps).astype(kernel.dtype)
-    w0 = kernel.astype(jnp.float32)
+        return _cast(_merged_float32(kernel, adapters[0], layout, eps), dtype)
+    w0 = _float32(kernel)
     if combination == "merged":
         total = (1.0 - sum(weights)) * w0
         for adapter, weight in zip(adapters, weights, strict=True):
             total = total + weight * _merged_float32(w0, adapter, layout, eps)
-        return total.astype(kernel.dtype)
+        return _cast(total, dtype)
     with_magnitude = [a.magnitude is not None for a in adapters]
     if any(with_magnitude) and not all(with_magnitude):
         raise ValueError(
@@ -170,7 +185,7 @@ def weighted_merge(
             w * (jnp.asarray(a.magnitude, jnp.float32) - base)
             for a, w in zip(adapters, weights, strict=True)
         )
-    return ops.merge(w0, lora_a, lora_b, magnitude, 1.0, layout, eps=eps).astype(kernel.dtype)
+    return _cast(ops.merge(w0, lora_a, lora_b, magnitude, 1.0, layout, eps=eps), dtype)
 
 
 def check_weights(weights: Sequence[float], count: int, where: str) -> None:
@@ -220,11 +235,12 @@ def merge_exact(
     """
     kernel = np.asarray(kernel)
     ops.check_kernel(kernel, "merge_exact")
-    merged = np.asarray(_merged_float32(kernel, adapter, layout, eps).astype(kernel.dtype))
+    merged = np.asarray(_cast(_merged_float32(kernel, adapter, layout, eps), kernel.dtype))
     if adapter.magnitude is None:
         g = np.ones(layout.lora_shapes(kernel.shape, 1)[2], np.float32)
     else:
-        norm = ops.init_magnitude(kernel, adapter.lora_a, adapter.lora_b, adapter.scale, layout)
+        w0 = _float32(kernel)
+        norm = ops.init_magnitude(w0, adapter.lora_a, adapter.lora_b, adapter.scale, layout)
         g = np.asarray(
             jnp.asarray(adapter.magnitude, jnp.float32) / ops.safe_sqrt(norm * norm, eps)
         )
@@ -636,12 +652,18 @@ def base_files(folder: str | Path) -> dict[str, list[str]]:
 
     Raises:
       FileNotFoundError: the folder is missing or holds no safetensors weights (a folder
-        with ``pytorch_model.bin`` only is named as such: pickle files are not read).
-      ValueError: an index naming a shard that is missing.
+        with ``pytorch_model.bin`` only is named as such: pickle files are not read), or
+        its index names a shard that is missing.
+      ValueError: an unreadable index, or a PEFT adapter folder given as the base.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (a Hugging Face model folder).")
+    if (folder / PEFT_CONFIG).is_file():
+        raise ValueError(
+            f"{folder}: a PEFT adapter folder (it holds {PEFT_CONFIG}), not a Hugging Face "
+            "model folder; pass it as an adapter."
+        )
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
@@ -787,7 +809,7 @@ def merge_folder(
                 if name in plan:
                     value = _merge_tensor(base / shard, name, info, plan[name], combination, eps)
                     largest = max(largest, value.nbytes)
-                    target.write(memoryview(np.ascontiguousarray(value)).cast("B"))
+                    target.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
                 elif name in replace:
                     dtype = np.dtype(_DTYPES[info.dtype])
                     target.write(np.ascontiguousarray(replace[name][0].astype(dtype)).tobytes())

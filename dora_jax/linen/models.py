@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from dora_jax import ops
+from dora_jax import merging, ops
 from dora_jax import summary as dora_summary
 from dora_jax.adapters import (
     BASE_NORM_SQ,
@@ -266,6 +266,68 @@ def merge_params(
         return {facts.kernel_name: merged_kernel(kernel, adapters, facts.settings, layout)}
 
     return _each_layer(module, variables, args, kwargs, merged, "params", dora_only=False)
+
+
+def merge_params_exact(
+    module: nn.Module, variables: Mapping[str, Any], *args, **kwargs
+) -> tuple[dict[str, Any], dict[str, merging.UnmergeRecord]]:
+    """:func:`merge_params`, and what :func:`unmerge_params` needs to give the base back.
+
+    Returns:
+      ``(params, records)``: the merged params (bit for bit those of
+      :func:`merge_params`) and ``{layer path: UnmergeRecord}``, whose memory is about one
+      byte per kernel element (:class:`dora_jax.merging.UnmergeRecord`; a quarter of a
+      float32 kernel, half of a bfloat16 one), not a copy of the base.
+    """
+    records: dict[str, merging.UnmergeRecord] = {}
+
+    def merged(facts, kernel, adapters, layout):
+        adapter = merging.KernelAdapter(
+            adapters.lora_a, adapters.lora_b, adapters.magnitude, facts.settings.scale
+        )
+        value, records["/".join(facts.path)] = merging.merge_exact(
+            kernel, adapter, layout, eps=facts.settings.eps
+        )
+        return {facts.kernel_name: value}
+
+    params = _each_layer(module, variables, args, kwargs, merged, "params", dora_only=False)
+    return params, records
+
+
+def unmerge_params(
+    module: Any,
+    variables: Mapping[str, Any],
+    records: Mapping[str, merging.UnmergeRecord],
+    *args,
+    **kwargs,
+) -> dict[str, Any]:
+    """The params :func:`merge_params_exact` was given, bit for bit.
+
+    Args:
+      module: the wrapped model (or DoRA layers) that was merged.
+      variables: ``{"params": the merged params, "dora": the adapters that were merged}``.
+      records: :func:`merge_params_exact`'s records.
+      args, kwargs: example inputs, as for :func:`merge_params`.
+
+    Raises:
+      ValueError: naming the layer, when a merged kernel changed since merging, the
+        adapters differ from the merged ones, or a layer has no record.
+    """
+
+    def unmerged(facts, kernel, adapters, layout):
+        where = "/".join(facts.path)
+        if where not in records:
+            raise ValueError(f"unmerge_params: no record for the adapted layer {where!r}.")
+        adapter = merging.KernelAdapter(
+            adapters.lora_a, adapters.lora_b, adapters.magnitude, facts.settings.scale
+        )
+        try:
+            value = merging.unmerge(kernel, adapter, layout, records[where])
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        return {facts.kernel_name: value}
+
+    return _each_layer(module, variables, args, kwargs, unmerged, "params", dora_only=False)
 
 
 def summary(variables: Mapping[str, Any], config: DoRAConfig | None = None):

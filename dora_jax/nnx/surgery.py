@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dora_jax import merging
 from dora_jax import summary as dora_summary
 from dora_jax.adapters import ADAPTER_LEAVES, DORA
 from dora_jax.config import DoRAConfig
@@ -106,6 +107,90 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
         elif isinstance(module, SavedParam):
             _replace(model, path, nnx.Param(module[...]))
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class MergedAdapters:
+    """What :func:`unmerge_adapters` needs to put the adapters back, bases bit for bit.
+
+    Attributes:
+      layers: ``{path: (DoRA layer, record)}``: each DoRA layer taken out of the model,
+        holding the merged layer's kernel variable (not ``W0``), and its
+        :class:`dora_jax.merging.UnmergeRecord`.
+      saved: paths of the :class:`SavedParam` variables that became ``nnx.Param``.
+    """
+
+    layers: dict[tuple, tuple[DoRALayer, merging.UnmergeRecord]]
+    saved: tuple[tuple, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the records (about one byte per kernel element), adapters aside."""
+        return sum(record.nbytes for _, record in self.layers.values())
+
+
+def merge_adapters_exact(model: nnx.Module) -> MergedAdapters:
+    """:func:`merge_adapters` (in place, the same merged kernels), keeping what
+    :func:`unmerge_adapters` needs to restore every DoRA layer with its original kernel
+    bit for bit: the adapters and an :class:`~dora_jax.merging.UnmergeRecord` per layer
+    (about one byte per kernel element), not a copy of the base."""
+    layers, saved = {}, []
+    for path, module in list(nnx.iter_graph(model)):
+        if isinstance(module, DoRALayer):
+            name = module.kernel_name
+            adapters = module.adapters()
+            adapter = merging.KernelAdapter(
+                adapters.lora_a, adapters.lora_b, adapters.magnitude, module.scale
+            )
+            value, record = merging.merge_exact(
+                getattr(module, name)[...], adapter, module.layout, eps=module.settings.eps
+            )
+            plain = module.merged()
+            getattr(plain, name).set_value(jnp.asarray(value))
+            setattr(module, name, getattr(plain, name))  # W0 is not kept
+            _replace(model, path, plain)
+            layers[path] = (module, record)
+        elif isinstance(module, SavedParam):
+            _replace(model, path, nnx.Param(module[...]))
+            saved.append(path)
+    return MergedAdapters(layers, tuple(saved))
+
+
+def unmerge_adapters(model: nnx.Module, merged: MergedAdapters) -> nnx.Module:
+    """Undo :func:`merge_adapters_exact`, in place: every DoRA layer back, with the
+    kernel it had, bit for bit; saved parameters become :class:`SavedParam` again.
+
+    Raises:
+      ValueError: naming the path, when a merged kernel changed since merging (its
+        checksum differs) or a layer is missing; the model is then left unchanged.
+    """
+    restored = []
+    for path, (module, record) in merged.layers.items():
+        where = "/".join(str(p) for p in path)
+        try:
+            plain = _get_path(model, path)
+            variable = getattr(plain, module.kernel_name)
+            adapters = module.adapters()
+            adapter = merging.KernelAdapter(
+                adapters.lora_a, adapters.lora_b, adapters.magnitude, module.scale
+            )
+            kernel = merging.unmerge(variable[...], adapter, module.layout, record)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"unmerge_adapters: {where!r}: {error}") from None
+        restored.append((path, module, variable, kernel))
+    for path, module, variable, kernel in restored:
+        variable.set_value(jnp.asarray(kernel))
+        setattr(module, module.kernel_name, variable)
+        _replace(model, path, module)
+    for path in merged.saved:
+        _replace(model, path, SavedParam(_get_path(model, path)[...]))
+    return model
+
+
+def _get_path(root: Any, path: tuple) -> Any:
+    for key in path:
+        root = root[key] if isinstance(key, int) else getattr(root, key)
+    return root
 
 
 def cache_base_norms(model: nnx.Module) -> nnx.Module:
