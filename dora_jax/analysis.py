@@ -12,10 +12,12 @@ between ``dD`` and ``dM`` and LoRA a positive one (Liu et al., 2024, Figure 2).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from dora_jax import ops
 
@@ -72,3 +74,99 @@ def changes_by_layer(
 
     visit(tuned_params, pretrained_params, "")
     return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """``(mean, sample std)`` of a list of numbers, in float64; the std of one number is
+    NaN (it is unknown, not 0)."""
+    values = np.asarray(values, np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"mean_std needs a non-empty list of numbers; got shape {values.shape}.")
+    std = float(np.std(values, ddof=1)) if values.size > 1 else float("nan")
+    return float(np.mean(values)), std
+
+
+def line_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """The least-squares line ``y = slope * x + intercept`` and Pearson's correlation.
+
+    Args:
+      x, y: ``(n,)`` numbers, ``n >= 2``, ``x`` not constant (float64 throughout).
+    Returns:
+      ``{"slope", "intercept", "correlation"}``; the correlation is NaN when ``y`` is
+      constant.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
+        raise ValueError(f"line_fit needs two (n,) arrays, n >= 2; got {x.shape} and {y.shape}.")
+    dx, dy = x - x.mean(), y - y.mean()
+    sxx, syy = float(dx @ dx), float(dy @ dy)
+    if sxx == 0.0:
+        raise ValueError(f"line_fit: x is constant ({x[0]!r} for all {x.size} points).")
+    slope = float(dx @ dy) / sxx
+    correlation = float(dx @ dy) / np.sqrt(sxx * syy) if syy > 0.0 else float("nan")
+    return {
+        "slope": slope,
+        "intercept": float(y.mean() - slope * x.mean()),
+        "correlation": float(correlation),
+    }
+
+
+def plot_decomposition(panels: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """The paper's Figure 2: ``dD`` on x, ``dM`` on y, one panel per method.
+
+    Args:
+      panels: ``{title: {"d_m": (checkpoints, layers), "d_d": (checkpoints, layers),
+        "steps": (checkpoints,) labels, "layers": (layers,) names}}``; each point is
+        coloured by its checkpoint and marked by its layer, and each panel gets the
+        least-squares line of ``dM`` on ``dD`` with its slope and correlation.
+      path: the PNG to write (Matplotlib's Agg canvas; no display needed).
+    Returns:
+      ``path``.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    markers = "os^vD<>ph*XP"
+    figure = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, panel) in zip(axes, panels.items(), strict=True):
+        d_m, d_d = np.asarray(panel["d_m"], np.float64), np.asarray(panel["d_d"], np.float64)
+        if d_m.ndim != 2 or d_m.shape != d_d.shape:
+            raise ValueError(
+                f"plot_decomposition: panel {title!r} needs d_m and d_d of one shape "
+                f"(checkpoints, layers); got {d_m.shape} and {d_d.shape}."
+            )
+        steps, layers = list(panel["steps"]), list(panel["layers"])
+        if (len(steps), len(layers)) != d_m.shape:
+            raise ValueError(
+                f"plot_decomposition: panel {title!r} has {len(steps)} steps and "
+                f"{len(layers)} layer names for points of shape {d_m.shape}."
+            )
+        colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(steps)))
+        for i in range(len(steps)):
+            for j, layer in enumerate(layers):
+                ax.scatter(
+                    d_d[i, j],
+                    d_m[i, j],
+                    color=colours[i],
+                    marker=markers[j % len(markers)],
+                    label=f"{layer}" if i == len(steps) - 1 else None,
+                )
+        fit = line_fit(d_d.ravel(), d_m.ravel())
+        xs = np.linspace(d_d.min(), d_d.max(), 2)
+        ax.plot(xs, fit["slope"] * xs + fit["intercept"], color="crimson")
+        ax.set_title(f"{title}: slope {fit['slope']:.3g}, r {fit['correlation']:+.2f}")
+        ax.set_xlabel("ΔD (1 - cos)")
+        ax.set_ylabel("ΔM (|Δ norm|)")
+        ax.ticklabel_format(style="sci", scilimits=(-2, 3))
+        ax.legend(
+            fontsize="x-small",
+            title=f"colour: step {steps[0]}..{steps[-1]}",
+            title_fontsize="x-small",
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
