@@ -242,15 +242,28 @@ def grid_cells(tasks, methods, ranks, seeds, dora_ranks=None) -> list[tuple[str,
 
 
 def run_grid(
-    out: Path, tasks, methods, ranks, seeds, budget: Budget, packages=None, dora_ranks=None
+    out: Path,
+    tasks,
+    methods,
+    ranks,
+    seeds,
+    budget: Budget,
+    packages=None,
+    dora_ranks=None,
+    report_only: bool = False,
 ) -> list:
-    """Run every cell not yet in ``out/cells`` and return all cells of the grid."""
+    """Run every cell not yet in ``out/cells`` and return all cells of the grid
+    (``report_only``: run nothing, return the cached cells only)."""
     folder = Path(out) / "cells"
     folder.mkdir(parents=True, exist_ok=True)
     todo = grid_cells(tasks, methods, ranks, seeds, dora_ranks)
     done = {c: _cached(folder / f"{cell_name(*c)}.json", budget) for c in todo}
     missing = [c for c in todo if done[c] is None]
     print(f"{len(todo)} cells, {len(todo) - len(missing)} cached, {len(missing)} to run")
+    if report_only:
+        for cell in missing:
+            print(f"missing (not run): {cell_name(*cell)}")
+        return [done[c] for c in todo if done[c] is not None]
     if missing:
         config, pretrained = load_minilm()
         builders = {"classify": classify_task, "code_search": code_search_task}
@@ -303,7 +316,8 @@ def summarize(cells) -> dict:
             dora = groups.get(("dora", rank // 2))
             if method != "lora" or rank < 2 or dora is None:
                 continue
-            entry = {"lora_rank": rank, "dora_rank": rank // 2}
+            seeds = f"{len(lora)}, {len(dora)}"
+            entry = {"lora_rank": rank, "dora_rank": rank // 2, "seeds": seeds}
             for name in names:
                 by_seed = {c["seed"]: c["metrics"][name] for c in dora}
                 paired = [
@@ -341,11 +355,11 @@ def tables_markdown(summary) -> str:
         ranks = sorted({r["rank"] for r in part["rows"] if r["method"] != "full"})
         seeds = sorted({s for r in part["rows"] for s in r["seeds"]})
         lines += [f"### {task}: rank sweep (mean ± std over seeds {seeds})", ""]
-        header = ["method", "rank", "trainable"] + names + ["wall s", "CPU s"]
+        header = ["method", "rank", "trainable", "seeds"] + names + ["wall s", "CPU s"]
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         if part["pretrained"] is not None:
             shown = [f"{part['pretrained'][n]:.3f}" for n in names]
-            lines.append("| pretrained (no training) | - | 0 | " + " | ".join(shown) + " | | |")
+            lines.append("| pretrained (no training) | - | 0 | - | " + " | ".join(shown) + " | | |")
         order = [("full", 0)] + [(m, r) for r in ranks for m in ("lora", "dora")]
         for method, rank in order:
             row = rows.get((method, rank))
@@ -355,19 +369,19 @@ def tables_markdown(summary) -> str:
             times = [_cell(row[t], 0) for t in ("wall_s", "cpu_s")]
             shown_rank = "-" if method == "full" else str(rank)
             lines.append(
-                f"| {LABELS[method]} | {shown_rank} | {row['trainable']:,} | "
+                f"| {LABELS[method]} | {shown_rank} | {row['trainable']:,} | {row['n']} | "
                 + " | ".join(values + times)
                 + " |"
             )
         lines.append("")
         if part["half_rank"]:
             lines += [f"### {task}: DoRA at half the LoRA rank", ""]
-            header = ["LoRA r", "DoRA r/2"]
+            header = ["LoRA r", "DoRA r/2", "seeds (LoRA, DoRA)"]
             for n in names:
                 header += [f"LoRA {n}", f"DoRA r/2 {n}", "DoRA r/2 - LoRA (paired)"]
             lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
             for entry in part["half_rank"]:
-                values = [str(entry["lora_rank"]), str(entry["dora_rank"])]
+                values = [str(entry["lora_rank"]), str(entry["dora_rank"]), entry["seeds"]]
                 for n in names:
                     values += [_cell(entry[n][k]) for k in ("lora", "dora")]
                     mean, std = entry[n]["difference"]
@@ -410,6 +424,8 @@ def plot_grid(summary, path) -> Path:
         if part["pretrained"] is not None:
             ax.axhline(part["pretrained"][name], color="grey", ls=":", label="pretrained")
         ax.set_xscale("log", base=2)
+        ranks = sorted({r["rank"] for r in part["rows"] if r["method"] != "full"})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set_xlabel("rank r")
         ax.set_ylabel(name)
         seeds = max((r["n"] for r in part["rows"]), default=0)
@@ -447,6 +463,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--full-lr", type=float, default=default.full_lr, help="full fine-tuning")
     parser.add_argument("--test-pairs", type=int, default=default.test_pairs, help="code search")
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the results, tables and plot of the cached cells",
+    )
+    parser.add_argument(
         "--packages",
         default=None,
         help="code search: only these top-level packages (comma-separated; quick runs)",
@@ -463,7 +484,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     dora_ranks = None if args.dora_ranks is None else _ints(args.dora_ranks)
     ranks, seeds = _ints(args.ranks), _ints(args.seeds)
-    cells = run_grid(Path(args.out), tasks, methods, ranks, seeds, budget, packages, dora_ranks)
+    cells = run_grid(
+        Path(args.out), tasks, methods, ranks, seeds, budget, packages, dora_ranks, args.report_only
+    )
     summary = summarize(cells)
     out = Path(args.out)
     results = {"budget": dataclasses.asdict(budget), "summary": summary, "cells": cells}

@@ -62,9 +62,9 @@ def test_summary_half_rank_column_and_tables(compare):
     # Paired by seed: differences 0.05, 0.10, 0.00.
     assert half["accuracy"]["difference"] == pytest.approx([0.05, 0.05])
     tables = compare.tables_markdown({"t": summary})
-    assert "| LoRA | 4 | 40 | 0.600 ± 0.100 |" in tables
-    assert "| 4 | 2 | 0.600 ± 0.100 | 0.650 ± 0.087 | +0.050 ± 0.050 |" in tables
-    assert "| FT | - | 0 | 0.900 |" in tables
+    assert "| LoRA | 4 | 40 | 3 | 0.600 ± 0.100 |" in tables
+    assert "| 4 | 2 | 3, 3 | 0.600 ± 0.100 | 0.650 ± 0.087 | +0.050 ± 0.050 |" in tables
+    assert "| FT | - | 0 | 1 | 0.900 |" in tables
 
 
 def test_grid_runs_two_cells_caches_them_and_refuses_another_budget(compare, tmp_path, capsys):
@@ -93,5 +93,10 @@ def test_grid_runs_two_cells_caches_them_and_refuses_another_budget(compare, tmp
     again = compare.main(args)  # every cell cached: nothing is trained again
     assert "3 cells, 3 cached, 0 to run" in capsys.readouterr().out
     assert again["cells"] == results["cells"]
+    # --report-only trains nothing: the cells of seed 1 are listed as missing.
+    seeds = args.index("--seeds") + 1
+    partial = compare.main([*args[:seeds], "0,1", *args[seeds + 1 :], "--report-only"])
+    assert partial["cells"] == results["cells"]
+    assert "missing (not run): code_search-lora-r2-s1" in capsys.readouterr().out
     with pytest.raises(ValueError, match="was run with the budget"):
         compare.main([*args[:-2], "--steps", "3", *args[-2:]])
