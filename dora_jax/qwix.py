@@ -656,7 +656,7 @@ def merge_model(provider: DoraProvider, model: nnx.Module) -> nnx.Module:
     ``model`` (from ``qwix.apply_lora_to_model(..., provider, ...)``) is not changed.
     """
     merged = nnx.clone(model)
-    for path, module in merged.iter_modules():
+    for path, module in nnx.iter_modules(merged):
         leaves = vars(module)
         for name in _adapted_names(leaves):
             weight = _merged_weight(provider, "/".join(map(str, path)), name, leaves, False)
@@ -716,6 +716,14 @@ def to_dora_variables(params: Mapping[str, Any]) -> dict[str, Any]:
 
     base = visit(params, ())
     return {"params": base, adapters.DORA: dora}
+
+
+def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with every quantised weight replaced by its float (dequantised) value."""
+    return {
+        key: dequantize_params(value) if isinstance(value, Mapping) else _float_kernel(value)
+        for key, value in ((k, flax_util.unbox(v)) for k, v in params.items())
+    }
 
 
 def weight_bytes(tree: Any) -> int:
