@@ -147,16 +147,33 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 
 
 def _tensors(folder: Path) -> dict[str, tuple[Path, dict[str, Any], int]]:
-    """``{tensor name: (file, header entry, data start)}`` over the folder's files."""
+    """``{tensor name: (file, header entry, data start)}`` over the folder's files.
+
+    Raises:
+      ValueError: naming the files for a tensor stored twice, or one the index places
+        in another file (or not at all).
+    """
     found = {}
+    index = folder / INDEX
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
     for file in checkpoint_files(folder):
         header, start = _header(file)
         header.pop("__metadata__", None)
         for name, info in header.items():
             if name in found:
                 raise ValueError(f"{file}: tensor {name!r} is also in {found[name][0]}.")
+            if weight_map is not None and weight_map.get(name) != file.name:
+                raise ValueError(
+                    f"{file}: holds tensor {name!r}, which {index} places in "
+                    f"{weight_map.get(name)!r}."
+                )
             found[name] = (file, info, start)
     return found
+
+
+def _source(folder: Path) -> Path:
+    """The file that says where the weights are: the index, or the one weight file."""
+    return folder / INDEX if (folder / INDEX).is_file() else folder / WEIGHTS
 
 
 def _open(name: str, entry: tuple[Path, dict[str, Any], int]) -> np.ndarray:
@@ -246,8 +263,8 @@ def load_pretrained(
     missing = sorted(set(wanted) - set(tensors))
     if missing:
         raise ValueError(
-            f"{folder}: the checkpoint has no tensor {missing[0]!r} ({len(missing)} missing: "
-            f"{missing[:8]}) that {config.model_type} models hold."
+            f"{_source(folder)}: the checkpoint has no tensor {missing[0]!r} ({len(missing)} "
+            f"missing: {missing[:8]}), which this {config.model_type} config needs."
         )
     extra = sorted(
         n for n in set(tensors) - set(wanted) if not SKIPPED.match(n) and not _tied_head(n, config)

@@ -98,8 +98,6 @@ _IGNORED = {
     "_attn_implementation_autoset",
     "bos_token",
     "eos_token",
-    "head_dim",
-    "mlp_bias",
 }
 
 
@@ -251,8 +249,6 @@ class LlamaConfig:
                 raise ValueError(f"config.json: layer_types {sorted(kinds)} is not implemented.")
         for key, value in data.items():
             if key in fields and key not in ("rope_scaling", "qk_norm", "model_type"):
-                kwargs[key] = value
-            elif key in ("head_dim", "mlp_bias"):
                 kwargs[key] = value
             elif key not in _IGNORED and value not in (None, False, {}, []):
                 raise ValueError(

@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -176,24 +177,26 @@ def test_logits_and_greedy_generation_match_transformers(folders, case):
 
 def test_remat_and_bfloat16(folders):
     """remat changes no gradient; a bfloat16 load computes bfloat16 close to float32."""
-    folder = folders["llama3"][1]
-    ids = jnp.asarray(_inputs()[0])
+    config = llama.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
+    ids, mask, _ = _inputs()
 
     def loss(model):
-        logits = model(ids)
+        logits = model(jnp.asarray(ids))
         return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(ids[:, 1:], VOCAB))
 
-    grads = []
-    for remat in (False, True):
-        model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32, remat=remat)
-        assert model.model.remat == remat
-        grads.append(nnx.jit(nnx.grad(loss))(model))
+    grads = [
+        nnx.jit(nnx.grad(loss))(llama.Llama(config, remat=remat, rngs=nnx.Rngs(0)))
+        for remat in (False, True)
+    ]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    folder = folders["llama3"][1]
+    assert hf_llm.load_pretrained(folder, remat=True)[0].model.remat
     low, _ = hf_llm.load_pretrained(folder)  # bfloat16 by default
     assert low.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     high, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
-    assert _relative(_forward(low, ids), _forward(high, ids)) < 5e-2
+    rows = mask.astype(bool)
+    assert _relative(_forward(low, ids, mask), _forward(high, ids, mask), rows) < 5e-2
 
 
 # ------------------------------------------------------------------------------ config
@@ -246,7 +249,9 @@ def test_checkpoint_refusals(folders, tmp_path):
     missing = _rewrite(
         folder, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
     )
-    with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"missing/model\.safetensors: .*no tensor 'model\.layers\.1\.mlp\.up_proj"
+    ):
         hf_llm.load_pretrained(missing)
     extra = _rewrite(
         folder,
@@ -264,6 +269,13 @@ def test_checkpoint_refusals(folders, tmp_path):
     )
     with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(63,\)"):
         hf_llm.load_pretrained(wrong)
+    ints = _rewrite(
+        folder,
+        tmp_path / "ints",
+        lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}),
+    )
+    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' has dtype I32"):
+        hf_llm.load_pretrained(ints)
     (tmp_path / "yarn").mkdir()
     data = json.loads((folder / "config.json").read_text())
     data["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
@@ -406,3 +418,26 @@ def test_sharded_load_onto_an_eight_device_mesh(folders, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_index_and_tied_head_are_checked(folders, tmp_path):
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folders["sharded"][1], sharded)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == files[0])
+    index["weight_map"][name] = files[1]
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ValueError, match=rf"{files[0]}: holds tensor '{name}', which .* places in '{files[1]}'"
+    ):
+        hf_llm.load_pretrained(sharded)
+    # A tied model's file may hold lm_head.weight: accepted if it is the embedding.
+    folder = folders["qwen2_tied"][1]
+    key = "model.embed_tokens.weight"
+    same = _rewrite(folder, tmp_path / "same", lambda t: t.update({"lm_head.weight": t[key]}))
+    model, _ = hf_llm.load_pretrained(same, dtype=jnp.float32)
+    assert not hasattr(model, "lm_head")
+    other = _rewrite(folder, tmp_path / "other", lambda t: t.update({"lm_head.weight": t[key] + 1}))
+    with pytest.raises(ValueError, match="'lm_head.weight' differs from 'model.embed_tokens"):
+        hf_llm.load_pretrained(other)
