@@ -42,7 +42,8 @@ Per kernel (any :class:`dora_jax.ops.Layout`, so Flax and torch orientations ali
 For folders, :func:`merge_folder` merges PEFT adapter folders into a Hugging Face model
 folder tensor by tensor: every ``*.safetensors`` shard is written under the same name
 with the same header (names, dtypes, shapes, offsets), so the index and every other
-file are copied unchanged, and no more than one tensor is held in memory at a time.
+file are copied unchanged; Linear and Conv weights are merged in blocks of output
+features, so no more than one block (or one embedding table) is in memory at a time.
 
 Framework-neutral: NumPy, JAX and :mod:`dora_jax.ops` only.
 """
@@ -637,14 +638,15 @@ class FolderMerge:
 
     ``merged``: base tensor names whose weights were merged; ``replaced``: base tensors
     replaced by an adapter's full weights (``modules_to_save``, biases); ``files``: the
-    safetensors files written; ``largest_tensor_bytes``: the largest merged tensor.
+    safetensors files written; ``largest_block_bytes``: the largest block merged at once
+    (its float32 size).
     """
 
     out: Path
     merged: tuple[str, ...]
     replaced: tuple[str, ...]
     files: tuple[str, ...]
-    largest_tensor_bytes: int
+    largest_block_bytes: int
 
 
 def base_files(folder: str | Path) -> dict[str, list[str]]:
@@ -699,34 +701,40 @@ def merge_folder(
     combination: str = "merged",
     eps: float = ops.DEFAULT_EPS,
     progress: Callable[[str], None] | None = None,
+    block_bytes: int = 1 << 22,
 ) -> FolderMerge:
     """Merge PEFT adapter folders into a Hugging Face safetensors model folder, streaming.
 
-    Each shard of ``base`` is written to ``out`` under its own name with its own header
-    (so names, dtypes, shapes and offsets are unchanged): tensors no adapter touches are
-    copied in chunks, each adapted weight is read, merged in float32 (one adapter:
-    ``W' = m/||V||_c * V`` as PEFT's ``merge_and_unload``; several: :func:`weighted_merge`),
-    cast once to its dtype and written. Every other file of ``base`` (``config.json``,
-    the index, tokenizer files) is copied. One tensor is in memory at a time.
+        Each shard of ``base`` is written to ``out`` under its own name with its own header
+        (so names, dtypes, shapes and offsets are unchanged): tensors no adapter touches are
+        copied in chunks, each adapted weight is read, merged in float32 (in blocks of output
+    features for Linear and Conv weights, whole for embeddings; one adapter:
+        ``W' = m/||V||_c * V`` as PEFT's ``merge_and_unload``; several: :func:`weighted_merge`),
+        cast once to its dtype and written. Every other file of ``base`` (``config.json``,
+        the index, tokenizer files) is copied. At most one block (or one embedding table) is
+        in memory at a time, with its float32 working copies.
 
-    Full weights in an adapter folder (``modules_to_save``, biases saved with
-    ``bias="all"`` / ``"lora_only"``) replace the base's, as PEFT does; a weighted merge
-    of several adapters (or of one with a weight other than 1) refuses them.
+        Full weights in an adapter folder (``modules_to_save``, biases saved with
+        ``bias="all"`` / ``"lora_only"``) replace the base's, as PEFT does; a weighted merge
+        of several adapters (or of one with a weight other than 1) refuses them.
 
-    Args:
-      base: the model folder (``model.safetensors``, or shards and
-        ``model.safetensors.index.json``).
-      adapters: PEFT folders (or :class:`PeftAdapter`).
-      out: the folder to write; must not exist or be empty, and not be ``base``.
-      weights: one per adapter (default: 1 for one adapter; required for several).
-      combination: ``"merged"`` or ``"dora"`` (see :func:`weighted_merge`).
-      progress: called with a line per file written.
+        Args:
+          base: the model folder (``model.safetensors``, or shards and
+            ``model.safetensors.index.json``).
+          adapters: PEFT folders (or :class:`PeftAdapter`).
+          out: the folder to write; must not exist or be empty, and not be ``base``.
+          weights: one per adapter (default: 1 for one adapter; required for several).
+          combination: ``"merged"`` or ``"dora"`` (see :func:`weighted_merge`).
+          progress: called with a line per file written.
+          block_bytes: Linear and Conv weights are merged in blocks of output features of
+            about this many bytes in float32 (an embedding table whole: its norm runs over
+            the vocabulary).
 
-    Raises:
-      FileNotFoundError / ValueError: naming the path, for a missing or wrong folder, an
-        adapted module whose weight the base lacks (with the closest base names), a
-        shape that does not fit, a weight count unlike the adapter count, an ``out``
-        that is ``base`` or not empty.
+        Raises:
+          FileNotFoundError / ValueError: naming the path, for a missing or wrong folder, an
+            adapted module whose weight the base lacks (with the closest base names), a
+            shape that does not fit, a weight count unlike the adapter count, an ``out``
+            that is ``base`` or not empty.
     """
     base, out = Path(base), Path(out)
     shards = base_files(base)
@@ -807,9 +815,10 @@ def merge_folder(
             for name, info in sorted(tensors.items(), key=lambda item: item[1].begin):
                 target.seek(info.begin)
                 if name in plan:
-                    value = _merge_tensor(base / shard, name, info, plan[name], combination, eps)
-                    largest = max(largest, value.nbytes)
-                    target.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+                    held = _merge_tensor(
+                        base / shard, name, info, plan[name], combination, eps, target, block_bytes
+                    )
+                    largest = max(largest, held)
                 elif name in replace:
                     dtype = np.dtype(_DTYPES[info.dtype])
                     target.write(np.ascontiguousarray(replace[name][0].astype(dtype)).tobytes())
@@ -829,23 +838,57 @@ def merge_folder(
         merged=tuple(sorted(plan)),
         replaced=tuple(sorted(replace)),
         files=tuple(sorted(shards)),
-        largest_tensor_bytes=largest,
+        largest_block_bytes=largest,
     )
 
 
-def _merge_tensor(file, name, info, entries, combination, eps) -> np.ndarray:
-    kernel = read_tensor(file, info)
-    layout = entries[0][1].layout(kernel.ndim)
-    adapters = [adapter for adapter, _, _ in entries]
+def _merge_tensor(file, name, info, entries, combination, eps, target, block_bytes) -> int:
+    """Merge one base weight into ``target`` (positioned at its offset); returns the
+    bytes of the largest block held.
+
+    Linear and Conv weights have their output features on axis 0 and each feature's
+    merge needs that feature's row alone, so they are read, merged and written in blocks
+    of rows of about ``block_bytes`` (in float32); an embedding's norm runs over axis 0
+    (the vocabulary), so it is merged whole.
+    """
+    dtype = np.dtype(_DTYPES[info.dtype])
+    module = entries[0][1]
+    layout = module.layout(len(info.shape))
     weights = [weight for _, _, weight in entries]
-    try:
-        merged = weighted_merge(kernel, adapters, weights, layout, combination=combination, eps=eps)
-    except ValueError as error:
-        raise ValueError(f"{file}: {name!r}: {error}") from None
-    return np.asarray(merged)
+    row = math.prod(info.shape[1:])
+    rows = info.shape[0] if module.kind == "embedding" else max(1, block_bytes // (4 * row))
+    largest = 0
+    for start in range(0, info.shape[0], rows):
+        stop = min(start + rows, info.shape[0])
+        block = TensorInfo(
+            info.dtype,
+            (stop - start, *info.shape[1:]),
+            info.begin + start * row * dtype.itemsize,
+            info.begin + stop * row * dtype.itemsize,
+        )
+        kernel = read_tensor(file, block)
+        adapters = [_rows(adapter, start, stop, module.kind) for adapter, _, _ in entries]
+        try:
+            merged = weighted_merge(
+                kernel, adapters, weights, layout, combination=combination, eps=eps
+            )
+        except ValueError as error:
+            raise ValueError(f"{file}: {name!r}: {error}") from None
+        merged = np.ascontiguousarray(np.asarray(merged))
+        largest = max(largest, 4 * merged.size)
+        target.write(merged.reshape(-1).view(np.uint8).data)
+    return largest
 
 
-def _copy(source, target, size: int, chunk: int = 1 << 24) -> None:
+def _rows(adapter: KernelAdapter, start: int, stop: int, kind: str) -> KernelAdapter:
+    """The adapter of output features ``start:stop`` (rows of a torch weight)."""
+    if kind == "embedding":
+        return adapter
+    magnitude = None if adapter.magnitude is None else adapter.magnitude[start:stop]
+    return adapter._replace(lora_b=adapter.lora_b[:, start:stop], magnitude=magnitude)
+
+
+def _copy(source, target, size: int, chunk: int = 1 << 20) -> None:
     while size > 0:
         data = source.read(min(chunk, size))
         if not data:

@@ -368,9 +368,11 @@ def test_merge_folder_streams_shards_and_matches_the_reference(tmp_path, sharded
         _peft_folder(tmp_path / "two", two, alpha=2.0),
     ]
     weights = [0.75, 0.5]
+    # 40 bytes: Linear weights merged one row (output feature) at a time.
     result = merging.merge_folder(
-        base, folders, tmp_path / "out", weights=weights, combination=combination
+        base, folders, tmp_path / "out", weights=weights, combination=combination, block_bytes=40
     )
+    assert result.largest_block_bytes == 4 * 8
     assert result.merged == ("a.weight", "b.weight")
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
