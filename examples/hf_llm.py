@@ -330,9 +330,9 @@ def save_merged(model: Llama, folder: str | Path, *, like: str | Path) -> Path:
     (:meth:`dora_jax.nnx.DoRALayer.merged`, the fold :func:`dora_jax.nnx.merge_adapters`
     applies), one layer at a time: ``model`` keeps its adapters and no merged copy of the
     whole model is made. A model already merged (or never adapted) is written as it is.
-    The weight files have ``like``'s names, tensor order, shapes and dtypes, so its
-    index stays valid; the other files of ``like`` (``config.json``, the tokenizer...)
-    are copied. Returns the folder.
+    The weight files have ``like``'s names, headers (tensor names, order, shapes, dtypes,
+    metadata) and index; the other files of ``like`` (``config.json``, the tokenizer...)
+    are copied. Tensors are written one at a time. Returns the folder.
 
     Raises:
       ValueError: if ``folder`` is ``like``, ``like`` holds a tensor the model has no
@@ -347,35 +347,21 @@ def save_merged(model: Llama, folder: str | Path, *, like: str | Path) -> Path:
     written = set()
     for file in checkpoint_files(like):
         header, start = _header(file)
-        entries = sorted(
-            ((k, v) for k, v in header.items() if k != "__metadata__"),
-            key=lambda item: item[1]["data_offsets"][0],
-        )
-        target = folder / file.name
-        partial = target.with_name(target.name + ".partial")
-        with open(file, "rb") as source, open(partial, "wb") as out:
-            out.write(source.read(start))  # the header, unchanged: same names, shapes, dtypes
-            for name, info in entries:
-                begin, end = info["data_offsets"]
-                if out.tell() != start + begin:
-                    raise ValueError(f"{file}: tensor {name!r} is not stored in header order.")
-                if SKIPPED.match(name):
+        with open(file, "rb") as source:
+            head = source.read(start)  # kept as it is: same names, shapes, dtypes
+
+            def value(name, info, file=file, source=source, start=start):
+                if SKIPPED.match(name):  # a buffer, copied
+                    begin, end = info["data_offsets"]
                     source.seek(start + begin)
-                    out.write(source.read(end - begin))
-                    continue
+                    return source.read(end - begin)
                 key = "model.embed_tokens.weight" if _tied_head(name, config) else name
                 if key not in names:
                     raise ValueError(f"{file}: tensor {name!r} matches no parameter of the model.")
-                value = _merged_value(*names[key])
-                if tuple(value.shape) != tuple(info["shape"]):
-                    raise ValueError(
-                        f"{file}: tensor {name!r} has shape {tuple(info['shape'])}; the "
-                        f"model's is {tuple(value.shape)}."
-                    )
-                data = np.ascontiguousarray(value.astype(np.dtype(DTYPES[info["dtype"]])))
-                out.write(data.tobytes())
                 written.add(key)
-        partial.replace(target)
+                return _merged_value(*names[key])
+
+            _write(folder / file.name, head, header, value)
     unwritten = sorted(set(names) - written)
     if unwritten:
         raise ValueError(
@@ -388,12 +374,81 @@ def save_merged(model: Llama, folder: str | Path, *, like: str | Path) -> Path:
     return folder
 
 
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def save_pretrained(model: Llama, folder: str | Path, *, dtype=None) -> Path:
+    """Write ``model`` (adapters merged) as a new Hugging Face folder: ``config.json``
+    (:meth:`LlamaConfig.to_hf`) and one ``model.safetensors`` with Hugging Face's names
+    and torch layouts, in ``dtype`` (default: each parameter's own). Tensors are written
+    one at a time. For a model loaded from a folder, :func:`save_merged` keeps that
+    folder's layout instead. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = parameter_names(model)
+    codes = {np.dtype(v): k for k, v in DTYPES.items()}
+    header, offset = {}, 0
+    for name, (module, leaf, transposed) in names.items():
+        variable = getattr(module, leaf)
+        shape = tuple(variable.shape)[::-1] if transposed else tuple(variable.shape)
+        kind = np.dtype(dtype or variable.dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * kind.itemsize
+        header[name] = {"dtype": codes[kind], "shape": list(shape)}
+        header[name]["data_offsets"] = [offset, offset + size]
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    head = struct.pack("<Q", len(text)) + text
+    _write(folder / WEIGHTS, head, header, lambda name, info: _merged_value(*names[name]))
+    fields = {**model.config.to_hf(), "architectures": [ARCHITECTURES[model.config.model_type]]}
+    kinds = {header[name]["dtype"] for name in names}
+    fields["torch_dtype"] = np.dtype(DTYPES[kinds.pop()]).name if len(kinds) == 1 else "float32"
+    (folder / CONFIG).write_text(json.dumps(fields, indent=2) + "\n")
+    return folder
+
+
 def _merged_value(module: nnx.Module, leaf: str, transposed: bool) -> np.ndarray:
     """One parameter in torch layout, the DoRA layer merged if the module is one."""
     if isinstance(module, dora_jax.nnx.DoRALayer):
         module = module.merged()
     value = np.asarray(jax.device_get(getattr(module, leaf)[...]))
     return value.T if transposed else value
+
+
+def _write(target: Path, head: bytes, header: dict[str, Any], value) -> None:
+    """A safetensors file: ``head`` (length and JSON header), then each tensor's bytes in
+    the order of its offsets; ``value(name, info)`` gives an array (cast to the header's
+    dtype, checked against its shape) or raw bytes. Written under a temporary name and
+    renamed when complete."""
+    start = len(head)
+    entries = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"),
+        key=lambda item: item[1]["data_offsets"][0],
+    )
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "wb") as out:
+        out.write(head)
+        for name, info in entries:
+            begin, end = info["data_offsets"]
+            if out.tell() != start + begin:
+                raise ValueError(f"{target.name}: tensor {name!r} leaves a gap in the file.")
+            data = value(name, info)
+            if not isinstance(data, bytes):
+                if tuple(data.shape) != tuple(info["shape"]):
+                    raise ValueError(
+                        f"{target.name}: tensor {name!r} has shape {tuple(info['shape'])}; "
+                        f"the model's is {tuple(data.shape)}."
+                    )
+                data = np.ascontiguousarray(data.astype(np.dtype(DTYPES[info["dtype"]])))
+                data = data.tobytes()
+            out.write(data)
+    partial.replace(target)
 
 
 # ------------------------------------------------------------------------------ PEFT
@@ -422,6 +477,7 @@ def load_adapter(
 
 
 __all__ = [
+    "ARCHITECTURES",
     "checkpoint_files",
     "fsdp_sharding",
     "load_adapter",
@@ -431,4 +487,5 @@ __all__ = [
     "read_config",
     "save_adapter",
     "save_merged",
+    "save_pretrained",
 ]

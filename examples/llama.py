@@ -66,6 +66,14 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
+# What each model type's transformers class fixes (a config.json value it does not read).
+_FIXED = {
+    "llama": {"qk_norm": False, "sliding_window": None},
+    "mistral": {"attention_bias": False, "mlp_bias": False, "qk_norm": False},
+    "qwen2": {"attention_bias": True, "mlp_bias": False, "qk_norm": False, "sliding_window": None},
+    "qwen3": {"mlp_bias": False, "qk_norm": True, "sliding_window": None},
+}
+
 # config.json fields that do not change the numbers of a forward pass (bookkeeping,
 # tokenizer ids, initialisation, training-only settings at their defaults).
 _IGNORED = {
@@ -112,7 +120,9 @@ class LlamaConfig:
     ``attention_bias`` puts biases on q/k/v (and on o, except for Qwen 2, whose o_proj
     has none); ``qk_norm`` is Qwen 3's RMSNorm of each head's query and key;
     ``sliding_window`` (Mistral) lets each token see only the previous
-    ``sliding_window`` tokens, itself included.
+    ``sliding_window`` tokens, itself included. What a model type's transformers class
+    fixes (Qwen 2's q/k/v biases, Qwen 3's q/k norms, no MLP bias outside Llama, a
+    sliding window only in Mistral) is filled in, and a contradicting value refused.
     """
 
     vocab_size: int = 32000
@@ -127,9 +137,9 @@ class LlamaConfig:
     rope_scaling: Any = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool | None = None  # None: the model type's (True for Qwen 2)
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool | None = None  # None: the model type's (True for Qwen 3)
     sliding_window: int | None = None
     hidden_act: str = "silu"
     model_type: str = "llama"
@@ -154,6 +164,17 @@ class LlamaConfig:
                 f"LlamaConfig: model_type {self.model_type!r} is not implemented; "
                 f"supported: {', '.join(MODEL_TYPES)}."
             )
+        for field, fixed in _FIXED[self.model_type].items():
+            value = getattr(self, field)
+            if value is None and field in ("attention_bias", "qk_norm"):
+                object.__setattr__(self, field, fixed)
+            elif value != fixed:
+                raise ValueError(
+                    f"LlamaConfig: {self.model_type} models have {field}={fixed!r}; got {value!r}."
+                )
+        for field in ("attention_bias", "qk_norm"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, False)
         if self.hidden_act != "silu":
             raise ValueError(
                 f"LlamaConfig: hidden_act {self.hidden_act!r} is not implemented (only 'silu')."
@@ -239,10 +260,7 @@ class LlamaConfig:
                     f"not implemented."
                 )
         if model_type == "qwen2":
-            kwargs["attention_bias"] = True
-            data.pop("attention_bias", None)
-        if model_type == "qwen3":
-            kwargs["qk_norm"] = True
+            data.pop("attention_bias", None)  # transformers' Qwen 2 has q/k/v biases always
         if model_type == "mistral":
             kinds = set(data.pop("layer_types", None) or ["full_attention"])
             if not kinds <= {"full_attention", "sliding_attention"} or len(kinds) > 1:

@@ -232,6 +232,40 @@ def test_config_refusals(change, message):
         llama.LlamaConfig.from_hf(data)
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"model_type": "qwen3", "qk_norm": False}, "qwen3 models have qk_norm=True"),
+        ({"model_type": "qwen2", "attention_bias": False}, "qwen2 models have attention_bias"),
+        ({"model_type": "mistral", "mlp_bias": True}, "mistral models have mlp_bias=False"),
+        ({"sliding_window": 8}, "llama models have sliding_window=None"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+    ],
+)
+def test_config_refuses_what_the_model_type_fixes(fields, message):
+    with pytest.raises(ValueError, match=message):
+        llama.LlamaConfig(**{**SMALL, **fields})
+
+
+def test_save_pretrained_writes_a_folder_transformers_loads(tmp_path):
+    config = llama.LlamaConfig(**SMALL, model_type="qwen3", tie_word_embeddings=True)
+    model = llama.Llama(config, rngs=nnx.Rngs(3))
+    hf_llm.save_pretrained(model, tmp_path / "f32")
+    ids = _inputs()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f32")
+    assert type(twin).__name__ == "Qwen3ForCausalLM"
+    assert _relative(_forward(model, jnp.asarray(ids)), _torch_logits(twin, ids)) < TOL
+    hf_llm.save_pretrained(model, tmp_path / "bf16", dtype=jnp.bfloat16)
+    again, _ = hf_llm.load_pretrained(tmp_path / "bf16")
+    for (name, (a, leaf, _)), (_, (b, _, _)) in zip(
+        hf_llm.parameter_names(model).items(), hf_llm.parameter_names(again).items(), strict=True
+    ):
+        expected = np.asarray(getattr(a, leaf)[...]).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(getattr(b, leaf)[...]), expected, err_msg=name)
+
+
 def _rewrite(folder: Path, out: Path, edit) -> Path:
     """A copy of a one-file folder whose tensors ``edit(dict)`` changed."""
     from safetensors.numpy import load_file, save_file
