@@ -382,7 +382,7 @@ def _as_text(info: dict[str, Any]) -> str:
         cells = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
         lines.append(("  " + cells).rstrip())
     lines.append(
-        f"  {len(rows)} adapted layers, {info['adapter_parameters']:,} adapter parameters"
+        f"  {_count(len(rows), 'adapted layer')}, {info['adapter_parameters']:,} adapter parameters"
         f" and {info['full_weight_parameters']:,} full-weight parameters"
         + (" (modules_to_save, biases)" if info["full_weight_parameters"] else "")
     )
@@ -399,9 +399,14 @@ def _as_text(info: dict[str, Any]) -> str:
     else:
         name = base["name_or_path"] or "not recorded"
         lines.append(
-            f"  base: {name}; it must hold the {len(base['weights'])} weights listed above"
+            f"  base: {name}; it must hold the {_count(len(base['weights']), 'weight')} "
+            "listed above"
         )
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 # ------------------------------------------------------------------------------ merge
@@ -440,7 +445,7 @@ def _merge(args) -> None:
         progress=print,
     )
     print(
-        f"merged {len(result.merged)} weights"
+        f"merged {_count(len(result.merged), 'weight')}"
         + (f" and replaced {len(result.replaced)}" if result.replaced else "")
         + f" into {len(result.files)} safetensors file(s) in {args.out} "
         f"({time.perf_counter() - start:.1f} s)"

@@ -200,9 +200,15 @@ def _checkpoint(folder: Path, *, base: bool, targets=("embed", "encoder")):
     return config, wrapped, variables, ids
 
 
-def test_inspect_checkpoint(tmp_path, capsys):
-    config, _, variables, _ = _checkpoint(tmp_path / "ck", base=True)
-    status, out, _ = _run(capsys, "inspect", tmp_path / "ck", "--json")
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoint") / "ck"
+    return folder, *_checkpoint(folder, base=True)
+
+
+def test_inspect_checkpoint(checkpoint, capsys):
+    folder, config, _, variables, _ = checkpoint
+    status, out, _ = _run(capsys, "inspect", folder, "--json")
     assert status == 0
     info = json.loads(out)
     assert (info["steps"], info["step"], info["data_position"]) == ([3, 5], 5, 50)
@@ -213,14 +219,14 @@ def test_inspect_checkpoint(tmp_path, capsys):
     assert info["adapter_parameters"] == sum(jax.tree.leaves(sizes))
     assert info["full_weight_parameters"] == 8 * 3 + 3  # the head
     assert info["base"]["parameters"] == 20 * 8 + 8 * 8 + 8
-    status, out, _ = _run(capsys, "inspect", tmp_path / "ck", "--step", "3")
+    status, out, _ = _run(capsys, "inspect", folder, "--step", "3")
     assert "step: 3 (steps in the folder: [3, 5]), data position: 30" in out
     assert "base: 3 frozen arrays, 232 parameters (float32)" in out
 
 
-def test_export_peft_writes_what_save_pretrained_writes(tmp_path, capsys):
-    config, wrapped, variables, ids = _checkpoint(tmp_path / "ck", base=True)
-    status, out, _ = _run(capsys, "export-peft", tmp_path / "ck", "--out", tmp_path / "peft")
+def test_export_peft_writes_what_save_pretrained_writes(checkpoint, tmp_path, capsys):
+    folder, config, wrapped, variables, ids = checkpoint
+    status, out, _ = _run(capsys, "export-peft", folder, "--out", tmp_path / "peft")
     assert status == 0 and "from step 5" in out
     dora_peft.save_pretrained(tmp_path / "direct", variables, config)
     exported = load_file(tmp_path / "peft" / merging.PEFT_WEIGHTS)
