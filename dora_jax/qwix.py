@@ -596,14 +596,20 @@ def _adapted_names(leaves: Mapping[str, Any]) -> list[str]:
     return [k[: -len(LORA_A)] for k in leaves if k.endswith(LORA_A) and k[: -len(LORA_A)] in leaves]
 
 
-def _merged_weight(provider: DoraProvider, path: str, name: str, leaves, requantize: bool):
+def _plan(provider: DoraProvider, path: str, name: str) -> Plan:
     plan = provider.plans.get((path, name))
-    where = f"{path + '/' if path else ''}{name}"
     if plan is None:
+        where = f"{path + '/' if path else ''}{name}"
         raise ValueError(
-            f"merge: the provider has no record of the weight {where!r}; run the model once "
-            f"with this provider (init, apply or qwix.apply_lora_to_model) before merging."
+            f"the provider has no record of the weight {where!r}; run the model once with "
+            f"this provider (init, apply or qwix.apply_lora_to_model) first."
         )
+    return plan
+
+
+def _merged_weight(provider: DoraProvider, path: str, name: str, leaves, requantize: bool):
+    plan = _plan(provider, path, name)
+    where = f"{path + '/' if path else ''}{name}"
     get = lambda key: flax_util.unbox(leaves[key])  # noqa: E731
     weight = get(name)
     if plan.use_dora and (name + MAGNITUDE) not in leaves:
@@ -645,6 +651,31 @@ def merge_params(
                 out[key] = visit(value, (*path, key))
             else:
                 out[key] = value
+        return out
+
+    return visit(params, ())
+
+
+def recompute_magnitudes(provider: DoraProvider, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with every magnitude set to ``||W0 + s*A@B||_c`` of the weights present.
+
+    Call it after putting pretrained weights into params made by ``init`` (for a quantised
+    base: after ``qwix.quantize_params``): ``init`` took the magnitudes from the weights it
+    made. The norm is of the dequantised weight, so the adapted model (with ``B = 0``)
+    equals the base it now holds.
+    """
+
+    def visit(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+        out = {k: visit(v, (*path, k)) if isinstance(v, Mapping) else v for k, v in tree.items()}
+        for name in _adapted_names(tree):
+            if name + MAGNITUDE not in tree:
+                continue
+            plan = _plan(provider, "/".join(path), name)
+            a, b = plan.canonical(*(flax_util.unbox(tree[name + s]) for s in (LORA_A, LORA_B)))
+            kernel = _float_kernel(flax_util.unbox(tree[name]))
+            m = ops.init_magnitude(kernel, a, b, plan.scale, plan.layout)
+            old = flax_util.unbox(tree[name + MAGNITUDE])
+            out[name + MAGNITUDE] = jnp.reshape(m, old.shape).astype(old.dtype)
         return out
 
     return visit(params, ())

@@ -19,6 +19,10 @@ Run::
     python examples/finetune_minilm.py --out run/   # saves checkpoints and the adapter
     python examples/finetune_minilm.py --out run/ --resume   # continues after a stop
 
+``--base-qtype int8|int4|nf4`` fine-tunes on a quantised base (QDoRA, or QLoRA with
+``--method lora``): the adapters come from :class:`dora_jax.qwix.DoraProvider` through
+qwix, which keeps the frozen BERT weights quantised in memory; the merged model is float.
+
 With ``--out`` the run writes ``run/checkpoints/`` (adapter-only training state, every
 ``--save-every`` steps, with the data position, so ``--resume`` ends exactly where an
 uninterrupted run ends), ``run/metrics.jsonl`` and ``run/adapter/``, a PEFT adapter folder
@@ -151,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated layers to adapt, as module names or path suffixes "
         "(PEFT style), e.g. query,key,value,dense",
     )
+    parser.add_argument(
+        "--base-qtype",
+        choices=("float", "int8", "int4", "nf4"),
+        default="float",
+        help="the frozen base: float (dora_jax.linen.wrap) or quantised by qwix "
+        "(dora_jax.qwix.DoraProvider: QDoRA, or QLoRA with --method lora)",
+    )
     parser.add_argument("--rank", type=int, default=8, help="adapter rank r")
     parser.add_argument(
         "--alpha", type=float, default=16.0, help="adapter scale numerator: s = alpha / r"
@@ -201,6 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{found} holds checkpoints of an earlier run: pass --resume to continue "
                 "it, or choose another --out."
             )
+    if args.base_qtype != "float" and args.method == "full":
+        parser.error("--base-qtype quantises a frozen base: use it with --method dora or lora.")
     if args.lr is None:
         args.lr = 5e-5 if args.method == "full" else 2e-3
     return args
@@ -244,18 +257,15 @@ def main(argv=None) -> dict:
             use_dora=args.method == "dora",
             modules_to_save=["classifier"],
         )
-        runner = dora_jax.linen.wrap(model, dora_config)
-
-        @jax.jit  # one compiled program instead of many small ones: faster to start
-        def initialise(key, pretrained, sample):
-            # The pretrained encoder goes in; the new head is initialised where missing.
-            variables = runner.init_from_params(key, {"bert": pretrained}, *inputs(sample))
-            # ||W0||^2 of the pretrained kernels, computed once instead of every step.
-            return dora_jax.linen.cache_base_norms(runner, variables, *inputs(sample))
-
-        variables = initialise(key, pretrained, sample)
-        print(dora_jax.linen.summary(variables, dora_config))
+        if args.base_qtype == "float":
+            runner, variables = wrapped_model(model, dora_config, key, pretrained, sample)
+        else:
+            runner, variables, provider = quantised_model(model, args, key, pretrained, sample)
         trainable, frozen = train.partition(variables, dora_config)
+        if args.base_qtype == "float":
+            print(dora_jax.linen.summary(variables, dora_config))
+        else:
+            print(f"{train.tree_size(trainable):,} trainable parameters")
 
     @jax.jit
     def predict(variables, batch):
@@ -313,8 +323,12 @@ def main(argv=None) -> dict:
         merged = variables["params"]
     else:
         # Zero-overhead inference: fold the adapters into plain BERT weights.
-        merged = jax.jit(dora_jax.linen.merge_params, static_argnums=0)(
-            runner, variables, *inputs(sample)
+        merged = (
+            jax.jit(dora_jax.linen.merge_params, static_argnums=0)(
+                runner, variables, *inputs(sample)
+            )
+            if args.base_qtype == "float"
+            else merge_quantised(provider, variables)
         )
     plain = jax.jit(
         lambda params, batch: jnp.argmax(model.apply({"params": params}, *inputs(batch)), -1)
@@ -327,6 +341,10 @@ def main(argv=None) -> dict:
             results["weights"] = save_params(out / "model.safetensors", merged)
         else:
             results["weights"] = out / "adapter"
+            if args.base_qtype != "float":  # the library's layout, the base dequantised
+                from dora_jax import qwix as dora_qwix
+
+                variables = dora_qwix.to_dora_variables(variables["params"])
             dora_peft.save_pretrained(results["weights"], variables, dora_config)
         results["checkpoints"] = out / "checkpoints"
         print(
@@ -335,6 +353,73 @@ def main(argv=None) -> dict:
         )
     print(f"done in {time.perf_counter() - start:.0f} s")
     return results
+
+
+def wrapped_model(model, dora_config, key, pretrained, sample):
+    """``dora_jax.linen.wrap`` on the float pretrained model: ``(runner, variables)``."""
+    runner = dora_jax.linen.wrap(model, dora_config)
+
+    @jax.jit  # one compiled program instead of many small ones: faster to start
+    def initialise(key, pretrained, sample):
+        # The pretrained encoder goes in; the new head is initialised where missing.
+        variables = runner.init_from_params(key, {"bert": pretrained}, *inputs(sample))
+        # ||W0||^2 of the pretrained kernels, computed once instead of every step.
+        return dora_jax.linen.cache_base_norms(runner, variables, *inputs(sample))
+
+    return runner, initialise(key, pretrained, sample)
+
+
+def quantised_model(model, args, key, pretrained, sample):
+    """QDoRA / QLoRA through qwix: ``(runner, variables, provider)``.
+
+    The provider adapts the targets' ``dot_general`` on a base quantised to
+    ``--base-qtype``; the pretrained weights are quantised by ``qwix.quantize_params`` and
+    the magnitudes taken from them (``recompute_magnitudes``).
+    """
+    import qwix
+
+    from dora_jax import qwix as dora_qwix
+
+    names = "|".join(t.strip() for t in args.targets.split(",") if t.strip())
+    rule = dora_qwix.DoraRule(
+        module_path=f"(?:.*/)?(?:{names})",
+        rank=args.rank,
+        alpha=args.alpha,
+        use_dora=args.method == "dora",
+        weight_qtype=args.base_qtype,
+        # PEFT's A init, as dora_jax.linen.wrap's: U(+-1/sqrt(fan_in)).
+        lora_a_initializer=jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+    )
+    # Every other dense layer of the encoder is quantised too (frozen, no adapters).
+    rest = qwix.QuantizationRule(module_path="bert/encoder/.*", weight_qtype=args.base_qtype)
+    provider = dora_qwix.DoraProvider([rule, rest])
+    runner = qwix.apply_lora_to_model(model, provider)
+    variables = jax.jit(runner.init)(key, *inputs(sample))
+    float_base = jax.tree.map(jnp.asarray, {"bert": pretrained})
+    quantised = qwix.quantize_params(float_base, variables["params"])
+    params = traverse_util.unflatten_dict(
+        {
+            **traverse_util.flatten_dict(variables["params"]),
+            **traverse_util.flatten_dict(quantised),
+        }
+    )
+    params = dora_qwix.recompute_magnitudes(provider, params)
+    base = dora_qwix.weight_bytes(pretrained["encoder"])
+    adapted = dora_qwix.weight_bytes(
+        train.partition({"params": params})[1]["params"]["bert"]["encoder"]
+    )
+    print(
+        f"{args.base_qtype} base: the encoder layers hold {adapted / base:.3f}x the bytes of "
+        f"float32 (the embedding tables stay float)"
+    )
+    return runner, {"params": params}, provider
+
+
+def merge_quantised(provider, variables):
+    """Plain float BERT params from a provider-adapted model (the base dequantised)."""
+    from dora_jax import qwix as dora_qwix
+
+    return dora_qwix.merge_params(provider, variables["params"])
 
 
 def save_params(path: Path, params) -> Path:
