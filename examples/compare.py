@@ -228,16 +228,21 @@ def _cached(path: Path, budget: Budget) -> dict | None:
 
 
 def grid_cells(tasks, methods, ranks, seeds, dora_ranks=None) -> list[tuple[str, str, int, int]]:
-    """``(task, method, rank, seed)`` in run order: seed by seed, so an interrupted grid
-    has whole seeds; ``full`` has rank 0, DoRA ``dora_ranks`` (None: ``ranks``); each
-    zero-shot task starts with its pretrained model (``pretrained``, evaluated once)."""
-    cells = [(t, "pretrained", 0, 0) for t in tasks if t == "code_search"]
-    per_method = {"full": [0], "lora": ranks, "dora": ranks if dora_ranks is None else dora_ranks}
-    for seed in seeds:
-        for task in tasks:
-            for method in methods:
-                for rank in per_method[method]:
-                    cells.append((task, method, rank, seed))
+    """``(task, method, rank, seed)`` in run order: configuration by configuration, all
+    seeds of one before the next, so an interrupted grid has whole cells; ``full`` has
+    rank 0, DoRA ``dora_ranks`` (None: ``ranks``); a zero-shot task starts with its
+    pretrained model (``pretrained``, evaluated once)."""
+    cells = []
+    for task in tasks:
+        if task == "code_search":
+            cells.append((task, "pretrained", 0, 0))
+        configs = [("full", 0)] if "full" in methods else []
+        for rank in sorted(set(ranks) | set(dora_ranks or ())):
+            for method in ("lora", "dora"):
+                chosen = ranks if method == "lora" or dora_ranks is None else dora_ranks
+                if method in methods and rank in chosen:
+                    configs.append((method, rank))
+        cells += [(task, method, rank, seed) for method, rank in configs for seed in seeds]
     return cells
 
 
