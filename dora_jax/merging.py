@@ -148,25 +148,35 @@ def weighted_merge(
       ValueError: an unknown combination, a count of weights unlike the count of
         adapters, a non-finite weight, or DoRA and LoRA adapters mixed under ``"dora"``.
     """
+    dtype = kernel.dtype
+    w0 = _float32(kernel)
+    base_norm = ops.column_norm(w0, layout) if combination == "dora" else None
+    c0, terms = _terms(adapters, weights, layout, combination, base_norm, "weighted_merge")
+    if c0 == 0.0 and len(terms) == 1 and terms[0][0] == 1.0:
+        return _cast(_merged_float32(w0, terms[0][1], layout, eps), dtype)
+    total = c0 * w0
+    for coefficient, term in terms:
+        total = total + coefficient * _merged_float32(w0, term, layout, eps)
+    return _cast(total, dtype)
+
+
+def _terms(adapters, weights, layout, combination, base_norm, where):
+    """``(c0, [(c_t, adapter_t)])`` with ``W = c0 W0 + sum_t c_t W'_t``, ``W'_t`` the
+    merge of ``adapter_t`` alone: the two definitions of :func:`weighted_merge` in one
+    form. ``"dora"`` is one term, the concatenated adapter, whose magnitude needs
+    ``base_norm`` (``||W0||_c``; with ``None`` a placeholder is left)."""
     adapters, weights = list(adapters), [float(w) for w in weights]
-    check_weights(weights, len(adapters), "weighted_merge")
+    check_weights(weights, len(adapters), where)
     if combination not in COMBINATIONS:
         raise ValueError(
-            f"weighted_merge: combination must be one of {COMBINATIONS}; got {combination!r}."
+            f"{where}: combination must be one of {COMBINATIONS}; got {combination!r}."
         )
-    dtype = kernel.dtype
-    if len(adapters) == 1 and weights[0] == 1.0:
-        return _cast(_merged_float32(kernel, adapters[0], layout, eps), dtype)
-    w0 = _float32(kernel)
-    if combination == "merged":
-        total = (1.0 - sum(weights)) * w0
-        for adapter, weight in zip(adapters, weights, strict=True):
-            total = total + weight * _merged_float32(w0, adapter, layout, eps)
-        return _cast(total, dtype)
+    if combination == "merged" or (len(adapters) == 1 and weights[0] == 1.0):
+        return 1.0 - sum(weights), list(zip(weights, adapters, strict=True))
     with_magnitude = [a.magnitude is not None for a in adapters]
     if any(with_magnitude) and not all(with_magnitude):
         raise ValueError(
-            "weighted_merge: combination 'dora' combines DoRA magnitudes, but "
+            f"{where}: combination 'dora' combines DoRA magnitudes, but "
             f"{with_magnitude.count(False)} of the {len(adapters)} adapters are plain LoRA "
             "(no magnitude); use combination 'merged'."
         )
@@ -181,12 +191,12 @@ def weighted_merge(
     )
     magnitude = None
     if all(with_magnitude):
-        base = ops.column_norm(w0, layout)
+        base = jnp.zeros(()) if base_norm is None else base_norm
         magnitude = base + sum(
             w * (jnp.asarray(a.magnitude, jnp.float32) - base)
             for a, w in zip(adapters, weights, strict=True)
         )
-    return _cast(ops.merge(w0, lora_a, lora_b, magnitude, 1.0, layout, eps=eps), dtype)
+    return 0.0, [(1.0, KernelAdapter(lora_a, lora_b, magnitude, 1.0))]
 
 
 def check_weights(weights: Sequence[float], count: int, where: str) -> None:
@@ -843,47 +853,89 @@ def merge_folder(
 
 
 def _merge_tensor(file, name, info, entries, combination, eps, target, block_bytes) -> int:
-    """Merge one base weight into ``target`` (positioned at its offset); returns the
-    bytes of the largest block held.
+    """Merge one base weight into ``target`` (positioned at its offset) in blocks of
+    rows of about ``block_bytes`` (in float32); returns the largest block's bytes.
 
-    Linear and Conv weights have their output features on axis 0 and each feature's
-    merge needs that feature's row alone, so they are read, merged and written in blocks
-    of rows of about ``block_bytes`` (in float32); an embedding's norm runs over axis 0
-    (the vocabulary), so it is merged whole.
+    Linear and Conv weights have their output features on axis 0, and a feature's merge
+    needs its own row alone: each block is read, merged and written once. An
+    embedding's norm runs over axis 0 (the vocabulary), so its blocks are read twice:
+    once to sum the squared norms, once to merge with them.
     """
     dtype = np.dtype(_DTYPES[info.dtype])
     module = entries[0][1]
     layout = module.layout(len(info.shape))
     weights = [weight for _, _, weight in entries]
     row = math.prod(info.shape[1:])
-    rows = info.shape[0] if module.kind == "embedding" else max(1, block_bytes // (4 * row))
-    largest = 0
+    rows = max(1, block_bytes // (4 * row))
+    blocks = []
     for start in range(0, info.shape[0], rows):
         stop = min(start + rows, info.shape[0])
-        block = TensorInfo(
-            info.dtype,
-            (stop - start, *info.shape[1:]),
-            info.begin + start * row * dtype.itemsize,
-            info.begin + stop * row * dtype.itemsize,
+        begin, end = (info.begin + i * row * dtype.itemsize for i in (start, stop))
+        blocks.append(
+            (start, stop, TensorInfo(info.dtype, (stop - start, *info.shape[1:]), begin, end))
         )
-        kernel = read_tensor(file, block)
-        adapters = [_rows(adapter, start, stop, module.kind) for adapter, _, _ in entries]
-        try:
-            merged = weighted_merge(
-                kernel, adapters, weights, layout, combination=combination, eps=eps
+    try:
+        if module.kind == "embedding":
+            merge = _embedding_blocks(file, blocks, entries, weights, layout, combination, eps)
+        else:
+            merge = (
+                weighted_merge(
+                    read_tensor(file, block),
+                    [_rows(adapter, start, stop) for adapter, _, _ in entries],
+                    weights,
+                    layout,
+                    combination=combination,
+                    eps=eps,
+                )
+                for start, stop, block in blocks
             )
-        except ValueError as error:
-            raise ValueError(f"{file}: {name!r}: {error}") from None
-        merged = np.ascontiguousarray(np.asarray(merged))
-        largest = max(largest, 4 * merged.size)
-        target.write(merged.reshape(-1).view(np.uint8).data)
+        largest = 0
+        for merged in merge:
+            merged = np.ascontiguousarray(np.asarray(merged))
+            largest = max(largest, 4 * merged.size)
+            target.write(merged.reshape(-1).view(np.uint8).data)
+    except ValueError as error:
+        raise ValueError(f"{file}: {name!r}: {error}") from None
     return largest
 
 
-def _rows(adapter: KernelAdapter, start: int, stop: int, kind: str) -> KernelAdapter:
-    """The adapter of output features ``start:stop`` (rows of a torch weight)."""
-    if kind == "embedding":
-        return adapter
+def _embedding_blocks(file, blocks, entries, weights, layout, combination, eps):
+    """The merged blocks of rows of an embedding table ``(vocab, features)``: a first
+    pass sums each term's squared column norms over the blocks (and ``||W0||_c^2``), the
+    second merges each block with them (the form of :func:`_terms`)."""
+    adapters = [adapter for adapter, _, _ in entries]
+    _, shapes = _terms(adapters, weights, layout, combination, None, "merge_folder")
+
+    def directions(start, stop, block):
+        w0 = _float32(read_tensor(file, block))
+        views = [
+            w0 + t.scale * ops.lora_delta(t.lora_a[start:stop], t.lora_b, layout) for _, t in shapes
+        ]
+        return w0, views
+
+    base_sq, sums = 0.0, [0.0] * len(shapes)
+    for start, stop, block in blocks:
+        w0, views = directions(start, stop, block)
+        base_sq = base_sq + ops.column_norm_sq(w0, layout)
+        sums = [total + ops.column_norm_sq(v, layout) for total, v in zip(sums, views, strict=True)]
+    c0, terms = _terms(adapters, weights, layout, combination, jnp.sqrt(base_sq), "merge_folder")
+    scales = [
+        None
+        if t.magnitude is None
+        else jnp.asarray(t.magnitude, jnp.float32) / ops.safe_sqrt(total, eps)
+        for (_, t), total in zip(terms, sums, strict=True)
+    ]
+    for start, stop, block in blocks:
+        w0, views = directions(start, stop, block)
+        out = c0 * w0
+        for (coefficient, _), g, v in zip(terms, scales, views, strict=True):
+            out = out + coefficient * (v if g is None else g * v)  # g (features,) on axis 1
+        yield _cast(out, np.dtype(_DTYPES[block.dtype]))
+
+
+def _rows(adapter: KernelAdapter, start: int, stop: int) -> KernelAdapter:
+    """The adapter of output features ``start:stop`` (rows of a torch Linear or Conv
+    weight)."""
     magnitude = None if adapter.magnitude is None else adapter.magnitude[start:stop]
     return adapter._replace(lora_b=adapter.lora_b[:, start:stop], magnitude=magnitude)
 

@@ -300,12 +300,17 @@ def test_peft_add_weighted_adapter_keeps_the_initial_magnitude():
 
 def _peft_folder(path, modules, *, use_dora=True, r=2, alpha=4.0, extra=None, config=None):
     """A PEFT folder written with NumPy: ``modules`` maps a module name to (lora_A, lora_B,
-    magnitude) in torch layout."""
+    magnitude) in torch layout (an ``emb`` module is an embedding's)."""
     path.mkdir(parents=True)
     tensors = dict(extra or {})
     for name, (a, b, m) in modules.items():
-        tensors[f"{name}.lora_A.weight"] = a
-        tensors[f"{name}.lora_B.weight"] = b
+        kind = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if name == "emb"
+            else ("lora_A.weight", "lora_B.weight")
+        )
+        tensors[f"{name}.{kind[0]}"] = a
+        tensors[f"{name}.{kind[1]}"] = b
         if m is not None:
             tensors[f"{name}.lora_magnitude_vector"] = m
     save_file(
@@ -334,6 +339,7 @@ def sharded_base(tmp_path):
             "a.weight": rng.standard_normal((6, 8)).astype(np.float32),
             "a.bias": rng.standard_normal(6).astype(np.float32),
             "position_ids": np.arange(7, dtype=np.int64),
+            "emb.weight": rng.standard_normal((9, 4)).astype(np.float32),
         },
         "model-00002-of-00002.safetensors": {
             "b.weight": rng.standard_normal((5, 6)).astype(jnp.bfloat16),
@@ -362,18 +368,20 @@ def test_merge_folder_streams_shards_and_matches_the_reference(tmp_path, sharded
     base, tensors = sharded_base
     rng = np.random.default_rng(7)
     one = {"a": _torch_adapter(rng, 6, 8), "b": _torch_adapter(rng, 5, 6)}
-    two = {"a": _torch_adapter(rng, 6, 8)}
+    one["emb"] = _torch_adapter(rng, 4, 9)  # lora_embedding_B (4, r), lora_embedding_A (r, 9)
+    two = {"a": _torch_adapter(rng, 6, 8), "emb": _torch_adapter(rng, 4, 9)}
     folders = [
         _peft_folder(tmp_path / "one", one, config={"alpha_pattern": {"b": 8.0}}),
         _peft_folder(tmp_path / "two", two, alpha=2.0),
     ]
     weights = [0.75, 0.5]
-    # 40 bytes: Linear weights merged one row (output feature) at a time.
+    # 40 bytes: Linear weights merged one row (output feature) at a time, the embedding
+    # table two rows at a time, in two passes.
     result = merging.merge_folder(
         base, folders, tmp_path / "out", weights=weights, combination=combination, block_bytes=40
     )
     assert result.largest_block_bytes == 4 * 8
-    assert result.merged == ("a.weight", "b.weight")
+    assert result.merged == ("a.weight", "b.weight", "emb.weight")
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
     assert (out / merging.SAFETENSORS_INDEX).read_bytes() == (
@@ -400,6 +408,12 @@ def test_merge_folder_streams_shards_and_matches_the_reference(tmp_path, sharded
     want_b = _reference_weighted(
         tensors["b.weight"].T, [flax(one["b"], 8.0)], weights[:1], combination
     )
+    emb = [
+        merging.KernelAdapter(a.T, b.T, m, s)
+        for (a, b, m), s in ((one["emb"], 2.0), (two["emb"], 1.0))
+    ]
+    want_emb = _reference_weighted(tensors["emb.weight"], emb, weights, combination)
+    assert ref.relative_error(merged["emb.weight"], want_emb) < F32_TOL
     assert ref.relative_error(merged["a.weight"].T, want_a) < F32_TOL
     assert ref.relative_error(merged["b.weight"].T, want_b) < 2e-2  # bfloat16
 
