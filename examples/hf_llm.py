@@ -2,20 +2,25 @@
 save merged, and PEFT adapters with Hugging Face's module names.
 
 * :func:`load_pretrained` ``(folder, *, dtype=jnp.bfloat16, mesh=None, shardings=None,
-  rngs=None, remat=False) -> (model, config)`` reads ``config.json`` and the safetensors weights
-  (``model.safetensors``, or the shards a ``model.safetensors.index.json`` names)
-  tensor by tensor straight onto the devices: the model is built abstractly
-  (``nnx.eval_shape``) and each parameter is made with ``jax.make_array_from_callback``,
-  each device's shard read from the file, transposed and cast on its own. The host never
-  holds more than one tensor of the file beyond what the devices hold. ``shardings``
-  maps ``(flax_path, shape) -> PartitionSpec``; with a mesh and no rule,
+  rngs=None, remat=False) -> (model, config)`` reads ``config.json`` and the
+  safetensors weights (``model.safetensors``, or the shards a
+  ``model.safetensors.index.json`` names) tensor by tensor straight onto the devices:
+  the model is built abstractly (``nnx.eval_shape``) and each parameter is made with
+  ``jax.make_array_from_callback``, each device's shard read from the memory-mapped
+  file, transposed and cast on its own (each process reads only its own devices'
+  shards). The host never holds more than one tensor of the file beyond what the
+  devices hold (``benchmarks/llm_load_memory.py`` measures it). ``shardings`` maps
+  ``(flax_path, shape) -> PartitionSpec``; with a mesh and no rule,
   :func:`fsdp_sharding` (each parameter split along its largest axis that the
   ``"fsdp"`` axis divides, replicated over ``"data"``).
 * :func:`save_merged` ``(model, folder, *, like)`` writes the model, with its DoRA
   adapters merged, as a safetensors folder in the layout of the folder it was loaded
   from (``like``): the same shard files, tensor names, shapes, dtypes and index, with
   ``config.json`` and the other files copied. ``AutoModelForCausalLM.from_pretrained``
-  loads it as a plain model.
+  loads it as a plain model. :func:`save_pretrained` ``(model, folder, *, dtype=None)``
+  writes a new folder (``config.json`` and one ``model.safetensors``) for a model made
+  here. Both write one tensor at a time, from one process (gathered to the host: a
+  model whose arrays span several processes is not supported).
 * :func:`peft_module_name` (``model/layers/0/self_attn/q_proj`` ->
   ``model.layers.0.self_attn.q_proj``), :func:`save_adapter` and :func:`load_adapter`:
   the adapter as a PEFT folder that ``PeftModel.from_pretrained`` loads onto the torch

@@ -278,38 +278,31 @@ def _rewrite(folder: Path, out: Path, edit) -> Path:
     return out
 
 
+BROKEN = {  # what a one-file checkpoint's tensors are changed to, and the error
+    "missing": (
+        lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+        r"missing/model\.safetensors: .*no tensor 'model\.layers\.1\.mlp\.up_proj",
+    ),
+    "extra": (
+        lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)}),
+        r"extra/model\.safetensors: tensor 'model\.layers\.0\.mlp\.extra",
+    ),
+    "shape": (
+        lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}),
+        r"shape/model\.safetensors: tensor 'model\.norm\.weight' has shape \(63,\)",
+    ),
+    "ints": (
+        lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}),
+        r"ints/model\.safetensors: tensor 'model\.norm\.weight' has dtype I32",
+    ),
+}
+
+
 def test_checkpoint_refusals(folders, tmp_path):
     folder = folders["llama3"][1]
-    missing = _rewrite(
-        folder, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
-    )
-    with pytest.raises(
-        ValueError, match=r"missing/model\.safetensors: .*no tensor 'model\.layers\.1\.mlp\.up_proj"
-    ):
-        hf_llm.load_pretrained(missing)
-    extra = _rewrite(
-        folder,
-        tmp_path / "extra",
-        lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)}),
-    )
-    with pytest.raises(
-        ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.extra"
-    ):
-        hf_llm.load_pretrained(extra)
-    wrong = _rewrite(
-        folder,
-        tmp_path / "wrong",
-        lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}),
-    )
-    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(63,\)"):
-        hf_llm.load_pretrained(wrong)
-    ints = _rewrite(
-        folder,
-        tmp_path / "ints",
-        lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}),
-    )
-    with pytest.raises(ValueError, match=r"tensor 'model\.norm\.weight' has dtype I32"):
-        hf_llm.load_pretrained(ints)
+    for name, (edit, message) in BROKEN.items():
+        with pytest.raises(ValueError, match=message):
+            hf_llm.load_pretrained(_rewrite(folder, tmp_path / name, edit))
     (tmp_path / "yarn").mkdir()
     data = json.loads((folder / "config.json").read_text())
     data["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
