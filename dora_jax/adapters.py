@@ -18,6 +18,7 @@ It imports neither ``flax.linen`` nor ``flax.nnx``; the math is :mod:`dora_jax.o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -324,7 +325,22 @@ def stack_adapters(
     eps = {s.eps for s in settings}
     if len(eps) != 1:
         raise ValueError(f"{where}: stacked adapters need one eps; got {sorted(eps)}.")
-    rank = max(a.lora_a.shape[-1] for a in adapters)
+    return _stacked_arrays(
+        kernel,
+        tuple(a.lora_a for a in adapters),
+        tuple(a.lora_b for a in adapters),
+        tuple(a.magnitude for a in adapters),
+        tuple(a.base_norm_sq for a in adapters),
+        layout=layout,
+        scales=tuple(s.scale for s in settings),
+        eps=settings[0].eps,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "scales", "eps"))
+def _stacked_arrays(kernel, lora_a, lora_b, magnitude, base_norm_sq, *, layout, scales, eps):
+    """:func:`stack_adapters`'s arrays, as one compiled program (not op by op)."""
+    rank = max(a.shape[-1] for a in lora_a)
     n_batch = len(layout.batch_axes)
 
     def padded(value: Array, axis: int) -> Array:
@@ -332,13 +348,16 @@ def stack_adapters(
         widths[axis] = (0, rank - value.shape[axis])
         return jnp.pad(value, widths)
 
-    dtype = jnp.result_type(*(a.lora_a for a in adapters))
-    norms = [inference_norm(kernel, a, s, layout) for a, s in zip(adapters, settings, strict=True)]
+    dtype = jnp.result_type(*lora_a)
+    norms = [
+        ops.dora_norm(kernel, a, b, s, layout, base_norm_sq=n, eps=eps)
+        for a, b, s, n in zip(lora_a, lora_b, scales, base_norm_sq, strict=True)
+    ]
     return AdapterStack(
-        lora_a=jnp.stack([padded(a.lora_a, -1).astype(dtype) for a in adapters]),
-        lora_b=jnp.stack([padded(a.lora_b, n_batch).astype(dtype) for a in adapters]),
-        magnitude=jnp.stack([a.magnitude.astype(dtype) for a in adapters]),
-        scales=jnp.asarray([s.scale for s in settings], jnp.float32),
+        lora_a=jnp.stack([padded(a, -1).astype(dtype) for a in lora_a]),
+        lora_b=jnp.stack([padded(b, n_batch).astype(dtype) for b in lora_b]),
+        magnitude=jnp.stack([m.astype(dtype) for m in magnitude]),
+        scales=jnp.asarray(scales, jnp.float32),
         inference_norm=jnp.stack(norms),
     )
 

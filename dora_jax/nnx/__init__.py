@@ -29,6 +29,7 @@ from dora_jax.nnx.multi import (
     StackedLinear,
     StackedLinearGeneral,
     StackedParam,
+    cache_stacked_norms,
     stack_adapters,
     with_adapter_ids,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "as_linen_variables",
     "cache_base_norms",
     "cache_norms",
+    "cache_stacked_norms",
     "clear_base_norms",
     "clear_norms",
     "merge_adapters",

@@ -96,8 +96,8 @@ class StackedLayer(DoRALayer):
 
     def adapters(self):
         raise ValueError(
-            f"{type(self).__name__} holds {self.num_adapters} adapters; use stack() or "
-            f"the single-adapter models it was stacked from."
+            f"{type(self).__name__} holds {self.num_adapters} adapters: see stack(); "
+            f"cache_stacked_norms caches their norms."
         )
 
     def merged(self):
@@ -113,7 +113,8 @@ class StackedLayer(DoRALayer):
         )
 
     def cache_norm(self) -> None:
-        """Cache each adapter's whole norm from the current kernel and stack."""
+        """Cache each adapter's whole norm from the current kernel and stack
+        (:func:`cache_stacked_norms`)."""
         stack = self.stack()
         norm = ops.stacked_norms(
             getattr(self, self.kernel_name)[...],
@@ -274,6 +275,20 @@ def _dora_layers(model: nnx.Module, k: int) -> dict[tuple, DoRALayer]:
     if not found:
         raise ValueError(f"stack_adapters: model {k} has no DoRA layer (see apply_dora).")
     return found
+
+
+def cache_stacked_norms(model: nnx.Module) -> nnx.Module:
+    """Cache every stacked layer's ``K`` norms from its current kernel, in place.
+
+    :func:`stack_adapters` caches them; assigning a new kernel variable drops a layer's
+    cache (calls then compute the norms from the kernel). Like
+    :func:`~dora_jax.nnx.cache_norms`, call it again after changing a kernel's value in
+    place, which a layer cannot see. Returns the model.
+    """
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, StackedLayer):
+            node.cache_norm()
+    return model
 
 
 def with_adapter_ids(model: nnx.Module, adapter_ids) -> nnx.Module:
