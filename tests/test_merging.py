@@ -344,6 +344,7 @@ def sharded_base(tmp_path):
         "model-00002-of-00002.safetensors": {
             "b.weight": rng.standard_normal((5, 6)).astype(jnp.bfloat16),
             "c.weight": rng.standard_normal((5, 5)).astype(np.float32),
+            "conv.weight": rng.standard_normal((5, 3, 2, 2)).astype(np.float32),
         },
     }
     weight_map = {}
@@ -370,18 +371,20 @@ def test_merge_folder_streams_shards_and_matches_the_reference(tmp_path, sharded
     one = {"a": _torch_adapter(rng, 6, 8), "b": _torch_adapter(rng, 5, 6)}
     one["emb"] = _torch_adapter(rng, 4, 9)  # lora_embedding_B (4, r), lora_embedding_A (r, 9)
     two = {"a": _torch_adapter(rng, 6, 8), "emb": _torch_adapter(rng, 4, 9)}
+    a, b, m = _torch_adapter(rng, 5, 12)  # a Conv2d: lora_A (r, 3, 2, 2), lora_B (5, r, 1, 1)
+    two["conv"] = (a.reshape(2, 3, 2, 2), b.reshape(5, 2, 1, 1), m.reshape(1, 5, 1, 1))
     folders = [
         _peft_folder(tmp_path / "one", one, config={"alpha_pattern": {"b": 8.0}}),
         _peft_folder(tmp_path / "two", two, alpha=2.0),
     ]
     weights = [0.75, 0.5]
-    # 40 bytes: Linear weights merged one row (output feature) at a time, the embedding
-    # table two rows at a time, in two passes.
+    # 40 bytes: Linear and Conv weights merged one row (output feature) at a time, the
+    # embedding table two rows at a time, in two passes.
     result = merging.merge_folder(
         base, folders, tmp_path / "out", weights=weights, combination=combination, block_bytes=40
     )
-    assert result.largest_block_bytes == 4 * 8
-    assert result.merged == ("a.weight", "b.weight", "emb.weight")
+    assert result.largest_block_bytes == 4 * 12  # one row of the Conv weight
+    assert result.merged == ("a.weight", "b.weight", "conv.weight", "emb.weight")
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
     assert (out / merging.SAFETENSORS_INDEX).read_bytes() == (
@@ -414,6 +417,12 @@ def test_merge_folder_streams_shards_and_matches_the_reference(tmp_path, sharded
     ]
     want_emb = _reference_weighted(tensors["emb.weight"], emb, weights, combination)
     assert ref.relative_error(merged["emb.weight"], want_emb) < F32_TOL
+    a, b, m = two["conv"]  # the reference's (in, out): torch (out, in * kh * kw) transposed
+    conv = merging.KernelAdapter(a.reshape(2, -1).T, b.reshape(5, 2).T, m.reshape(5), 1.0)
+    want_conv = _reference_weighted(
+        tensors["conv.weight"].reshape(5, -1).T, [conv], weights[1:], combination
+    )
+    assert ref.relative_error(merged["conv.weight"].reshape(5, -1).T, want_conv) < F32_TOL
     assert ref.relative_error(merged["a.weight"].T, want_a) < F32_TOL
     assert ref.relative_error(merged["b.weight"].T, want_b) < 2e-2  # bfloat16
 
