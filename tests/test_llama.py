@@ -176,20 +176,19 @@ def test_logits_and_greedy_generation_match_transformers(folders, case):
 
 
 def test_remat_and_bfloat16(folders):
-    """remat changes no gradient; a bfloat16 load computes bfloat16 close to float32."""
-    config = llama.LlamaConfig(**{**SMALL, "num_hidden_layers": 1})
+    """remat=True recomputes the blocks in the backward pass; a bfloat16 load computes
+    in bfloat16, close to float32."""
     ids, mask, _ = _inputs()
 
-    def loss(model):
-        logits = model(jnp.asarray(ids))
-        return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(ids[:, 1:], VOCAB))
+    def recomputed(remat: bool) -> int:
+        config = llama.LlamaConfig(**SMALL)
+        abstract = nnx.eval_shape(lambda: llama.Llama(config, remat=remat, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        loss = lambda state: nnx.merge(graphdef, state)(jnp.asarray(ids)).mean()  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(state)  # traced, not compiled
+        return sum(e.primitive.name.startswith("remat") for e in jaxpr.jaxpr.eqns)
 
-    grads = [
-        nnx.jit(nnx.grad(loss))(llama.Llama(config, remat=remat, rngs=nnx.Rngs(0)))
-        for remat in (False, True)
-    ]
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert recomputed(False) == 0 and recomputed(True) >= 1
     folder = folders["llama3"][1]
     assert hf_llm.load_pretrained(folder, remat=True)[0].model.remat
     low, _ = hf_llm.load_pretrained(folder)  # bfloat16 by default
