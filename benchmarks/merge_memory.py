@@ -16,6 +16,9 @@ process imports what ``dora-jax merge`` imports and merges one small kernel: the
 baseline that any merge pays. The merged folder is then loaded with transformers as a
 plain ``BertModel`` and compared with PEFT's ``merge_and_unload()`` outputs.
 
+Last, the memory an exact unmerge keeps (:class:`dora_jax.merging.UnmergeRecord`) for a
+1024 x 1024 Gaussian kernel with a rank-16 DoRA adapter, per dtype.
+
     python benchmarks/merge_memory.py [--shard-mb 20]
 """
 
@@ -176,6 +179,40 @@ def main() -> None:
     )
     print(harness.table(["process", "adapter", "peak RSS", "above the baseline", "wall"], rows))
     print("\n".join(notes))
+    unmerge_records()
+
+
+def unmerge_records() -> None:
+    """The size of an UnmergeRecord against its kernel's, per dtype."""
+    import numpy as np
+
+    from dora_jax import merging, ops
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((1024, 1024)) / 32
+    a = rng.standard_normal((1024, 16)) / 32
+    b = rng.standard_normal((16, 1024)) * 0.01
+    m = np.linalg.norm(w0 + 2.0 * a @ b, axis=0) * rng.uniform(0.8, 1.2, 1024)
+    adapter = merging.KernelAdapter(a.astype(np.float32), b.astype(np.float32),
+                                    m.astype(np.float32), 2.0)  # fmt: skip
+    rows = []
+    for name in ("float32", "bfloat16", "float16"):
+        kernel = w0.astype(np.dtype(name) if name != "bfloat16" else ml_bfloat16())
+        merged, record = merging.merge_exact(kernel, adapter, ops.dense_layout())
+        exact = (
+            merging.unmerge(merged, adapter, ops.dense_layout(), record).tobytes()
+            == kernel.tobytes()
+        )
+        rows.append([name, f"{record.nbytes / kernel.nbytes:.2f}",
+                     f"{record.indices.size / kernel.size:.2%}", exact])  # fmt: skip
+    print("\nexact unmerge: what the record keeps (1024 x 1024 kernel, rank 16)")
+    print(harness.table(["dtype", "record / kernel bytes", "exceptions", "bit for bit"], rows))
+
+
+def ml_bfloat16():
+    import jax.numpy as jnp
+
+    return jnp.bfloat16
 
 
 if __name__ == "__main__":
