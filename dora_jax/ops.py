@@ -645,6 +645,11 @@ def embed_attend(
 # --------------------------------------------------------------------------------------
 # Many adapters of one frozen kernel in one batch.
 
+# stacked_adapter_forward gathers each example's factors from this many output positions
+# (tokens) per example, and masks the product with all K factors below it (measured on
+# XLA's CPU backend, benchmarks/mixed_batch.py). A different choice is its `routing`.
+GATHER_MIN_POSITIONS = 8
+
 
 def stacked_norms(
     kernel: Array,
@@ -723,17 +728,26 @@ def stacked_adapter_forward(
     norm: Array | None = None,
     base_norm_sq: Array | None = None,
     eps: float = DEFAULT_EPS,
+    routing: str | None = None,
 ) -> Array:
     """The output without bias of a batch whose example ``i`` runs adapter ``adapter_ids[i]``.
 
     Example ``i`` (the input's leading axis) gets
     ``g_k * (x_i @ W0 + s_k * (x_i @ A_k) @ B_k)`` with ``k = adapter_ids[i]`` and
     ``g_k = m_k / ||W0 + s_k*A_k@B_k||_c``; ``k = -1`` gives the frozen ``x_i @ W0``
-    exactly. ``x @ W0`` is one product for the whole batch; each example's ``A_k`` and
-    ``B_k`` are gathered and its low-rank products run batched over the examples (on
-    the CPU as fast per token as one adapter's from about 32 tokens per example, and
-    independent of ``K``: the alternative, ``x @ [A_1 .. A_K]`` then a mask, costs
-    ``K`` times the low-rank work). No merged kernel is formed.
+    exactly. ``x @ W0`` is one product for the whole batch, and no merged kernel is
+    formed. The low-rank products are routed one of two ways:
+
+    * ``"gather"``: each example's ``A_k`` and ``B_k`` are gathered and its products
+      run batched over the examples: the flops of one adapter, independent of ``K``,
+      but ``A`` and ``B`` are read once per example;
+    * ``"mask"``: ``x @ [A_1 .. A_K]`` (rank ``K*r``), the other adapters' columns of
+      each example zeroed, then one product with ``[B_1; ..; B_K]``: every factor read
+      once, ``K`` times the low-rank flops: cheaper for few positions per example
+      (decoding), where reading the factors costs more than the products.
+
+    ``routing=None`` gathers from :data:`GATHER_MIN_POSITIONS` output positions (tokens)
+    per example and masks below; both give the same numbers.
 
     Args:
       x: ``(batch, ...)`` the layer input; its leading axis is the example axis.
@@ -749,6 +763,7 @@ def stacked_adapter_forward(
       norm: the ``(K, *batch, *out)`` norms cached by :func:`stacked_norms`; computed
         from ``kernel`` when ``None``.
       base_norm_sq, eps: as for :func:`dora_norm`.
+      routing: ``"gather"``, ``"mask"`` or ``None`` (by the positions per example).
     Returns:
       ``(batch, ...)``, the dtype of ``x @ W0``.
     """
@@ -758,25 +773,65 @@ def stacked_adapter_forward(
             kernel, lora_a, lora_b, scales, layout, base_norm_sq=base_norm_sq, eps=eps
         )
     # Row k of the tables for id k, row K for the base (id -1), K + 1 (out of range) for
-    # anything else: gathers fill it with zeros (A, B, s) or NaN (g).
+    # anything else: gathers fill it with zeros (s) or NaN (g).
     ids = jnp.asarray(adapter_ids)
     index = jnp.where((ids >= 0) & (ids < num), ids, jnp.where(ids == -1, num, num + 1))
     g = magnitude_scale(magnitude, norm)
     g = jnp.concatenate([g, jnp.ones((1, *g.shape[1:]), g.dtype)])
     g_rows = jnp.take(g, index, axis=0, mode="fill", fill_value=jnp.nan)
-    a_rows = jnp.take(lora_a, index, axis=0, mode="fill", fill_value=0)
-    b_rows = jnp.take(lora_b, index, axis=0, mode="fill", fill_value=0)
     s_rows = jnp.take(jnp.asarray(scales, jnp.float32), index, mode="fill", fill_value=0)
-
-    def low_rank(x_i, a, b):  # one example through its own A and B, the axis kept
-        return apply_lora_b((apply_lora_a or apply_kernel)(x_i[None], a), b)[0]
-
     base_out = apply_kernel(x, kernel)
-    lora_out = jax.vmap(low_rank)(x, a_rows, b_rows).astype(jnp.float32)
-    per_row = (x.shape[0],) + (1,) * (base_out.ndim - 1)
-    lora_out = s_rows.reshape(per_row) * lora_out
+    positions = base_out.size // max(1, x.shape[0] * math.prod(magnitude.shape[1:]))
+    if routing is None:
+        routing = "gather" if positions >= GATHER_MIN_POSITIONS else "mask"
+    if routing == "gather":
+        lora_out = _gathered_low_rank(
+            x, lora_a, lora_b, index, s_rows, apply_lora_a or apply_kernel, apply_lora_b
+        )
+    elif routing == "mask":
+        lora_out = _masked_low_rank(
+            x, lora_a, lora_b, index, s_rows, apply_lora_a or apply_kernel, apply_lora_b, layout
+        )
+    else:
+        raise ValueError(f"routing must be None, 'gather' or 'mask'; got {routing!r}.")
     g_out = _rows_to_output(g_rows, to_output, base_out.ndim)
     return (g_out * (base_out.astype(jnp.float32) + lora_out)).astype(base_out.dtype)
+
+
+def _per_example(values: Array, ndim: int) -> Array:
+    """``(batch, *tail)`` values broadcast over the axes between the example axis and
+    ``tail`` of an ``ndim``-axis array."""
+    return values.reshape(values.shape[:1] + (1,) * (ndim - values.ndim) + values.shape[1:])
+
+
+def _gathered_low_rank(x, lora_a, lora_b, index, s_rows, apply_lora_a, apply_lora_b):
+    """``s_k (x_i @ A_k) @ B_k`` with each example's ``A_k``, ``B_k`` gathered (zeros for
+    the base): the low-rank products of one adapter per example, batched."""
+    a_rows = jnp.take(lora_a, index, axis=0, mode="fill", fill_value=0)
+    b_rows = jnp.take(lora_b, index, axis=0, mode="fill", fill_value=0)
+
+    def low_rank(x_i, a, b):  # one example through its own A and B, the axis kept
+        return apply_lora_b(apply_lora_a(x_i[None], a), b)[0]
+
+    lora_out = jax.vmap(low_rank)(x, a_rows, b_rows).astype(jnp.float32)
+    return _per_example(s_rows, lora_out.ndim) * lora_out
+
+
+def _masked_low_rank(x, lora_a, lora_b, index, s_rows, apply_lora_a, apply_lora_b, layout):
+    """The same as :func:`_gathered_low_rank` from ``x @ [A_1 .. A_K]`` (rank ``K*r``),
+    each example's columns of the other adapters zeroed (``s_k`` on its own), then one
+    product with ``[B_1; ..; B_K]``: ``A`` and ``B`` read once, ``K`` times the flops."""
+    num, rank = lora_a.shape[0], lora_a.shape[-1]
+    n_batch = len(layout.batch_axes)
+    a_all = jnp.moveaxis(lora_a, 0, -2)
+    a_all = a_all.reshape(*a_all.shape[:-2], num * rank)
+    b_all = jnp.moveaxis(lora_b, 0, n_batch)
+    b_all = b_all.reshape(*b_all.shape[:n_batch], num * rank, *b_all.shape[n_batch + 2 :])
+    weights = s_rows[:, None] * (index[:, None] == jnp.arange(num)[None, :])
+    weights = jnp.repeat(weights, rank, axis=1)  # (batch, K*r)
+    xa = apply_lora_a(x, a_all)
+    xa = xa * _per_example(weights, xa.ndim).astype(xa.dtype)
+    return apply_lora_b(xa, b_all).astype(jnp.float32)
 
 
 def _rows_to_output(rows: Array, to_output: Callable[[Array], Array], ndim: int) -> Array:

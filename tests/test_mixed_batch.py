@@ -5,7 +5,8 @@ them with the base (id -1), under jit:
 
 * every example equals that example run through its own merged model
   (``merge_params`` / ``merge_adapters``) to 1e-5, and id -1 the base exactly, for a
-  model of Dense, DenseGeneral, Einsum and Conv layers, in Linen and NNX;
+  model of Dense, DenseGeneral, Einsum and Conv layers, in Linen and NNX, with the
+  low-rank products gathered per example and masked over all adapters;
 * one layer of each kind against the float64 NumPy reference (``reference.py``):
   ``y_i = design(x_i) @ W'_k + bias`` with ``W'_k = m_k (W0 + s_k A_k B_k) / ||.||_c``;
 * the norm caches cannot go stale silently, and what cannot run is refused by name.
@@ -13,6 +14,7 @@ them with the base (id -1), under jit:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -126,9 +128,11 @@ def _check_rows(y, row_outputs):
             assert ref.relative_error(y[i], want) < TOL, (i, k)
 
 
-def test_linen_mixed_batch_equals_each_merged_model():
+@pytest.mark.parametrize("routing", ["gather", "mask"])
+def test_linen_mixed_batch_equals_each_merged_model(routing):
     net, params, models, variables = _linen_net()
     stacked, stacked_vars = dora_jax.linen.stack_adapters(models, variables, NET_X)
+    stacked = dataclasses.replace(stacked, routing=routing)
     y = jax.jit(stacked.apply)(stacked_vars, NET_X, adapter_ids=jnp.asarray(IDS))
     assert stacked_vars["dora_stack"]["up"]["lora_a"].shape == (4, 8, 3)  # padded to rank 3
     assert stacked_vars["dora_cache"]["up"]["inference_norm"].shape == (4, 12)
@@ -144,7 +148,8 @@ def test_linen_mixed_batch_equals_each_merged_model():
     _check_rows(y, row_outputs)
 
 
-def test_nnx_mixed_batch_equals_each_merged_model():
+@pytest.mark.parametrize("routing", ["gather", "mask"])
+def test_nnx_mixed_batch_equals_each_merged_model(routing):
     base, models = _nnx_models()
     stacked = dora_nnx.stack_adapters(models)
     assert isinstance(stacked.up, dora_nnx.StackedLinear)
@@ -152,7 +157,7 @@ def test_nnx_mixed_batch_equals_each_merged_model():
 
     @nnx.jit
     def serve(model, ids, x):
-        return dora_nnx.with_adapter_ids(model, ids)(x)
+        return dora_nnx.with_adapter_ids(model, ids, routing)(x)
 
     y = serve(stacked, jnp.asarray(IDS), NET_X)
     run = nnx.jit(lambda model, x: model(x))

@@ -58,6 +58,7 @@ class _StackedAdapter:
     module: nn.Module
     adapter_ids: Array
     eps: float
+    routing: str | None
 
     def __call__(
         self,
@@ -87,11 +88,12 @@ class _StackedAdapter:
             apply_kernel=apply_kernel,
             apply_lora_b=apply_lora_b,
             apply_lora_a=apply_lora_a,
+            routing=self.routing,
             **maps,
         )
 
 
-def _intercept(adapter_ids, eps, next_fun, args, kwargs, context):
+def _intercept(adapter_ids, eps, routing, next_fun, args, kwargs, context):
     module = context.module
     if not module.has_variable(STACK, "lora_a"):
         return next_fun(*args, **kwargs)
@@ -101,7 +103,7 @@ def _intercept(adapter_ids, eps, next_fun, args, kwargs, context):
         raise ValueError(f"{describe(module)}: {problem}.")
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-    adapter = _StackedAdapter(module, adapter_ids, eps)
+    adapter = _StackedAdapter(module, adapter_ids, eps, routing)
     if kind is nn.Dense:
         return calls.dense_call(module, *args, adapter)
     if kind is nn.DenseGeneral:
@@ -149,6 +151,9 @@ class StackedModel:
     model: nn.Module
     num_adapters: int
     eps: float = ops.DEFAULT_EPS  # the norms' floor, when computed in the call
+    # How the low-rank products are routed (ops.stacked_adapter_forward): "gather",
+    # "mask" or None (by the tokens per example). The same numbers either way.
+    routing: str | None = None
 
     def apply(self, variables: Mapping[str, Any], *args, adapter_ids, method=None, **kwargs):
         """``apply`` of the model, example ``i`` through adapter ``adapter_ids[i]``.
@@ -163,7 +168,7 @@ class StackedModel:
           method, kwargs: as the model's ``apply``.
         """
         ops.check_adapter_ids(adapter_ids, self.num_adapters, None, "StackedModel.apply")
-        with nn.intercept_methods(lambda *a: _intercept(adapter_ids, self.eps, *a)):
+        with nn.intercept_methods(lambda *a: _intercept(adapter_ids, self.eps, self.routing, *a)):
             return self.model.apply(dict(variables), *args, method=method, **kwargs)
 
 

@@ -74,6 +74,7 @@ class StackedLayer(DoRALayer):
         for name in ("lora_a", "lora_b", "magnitude", "scales", "base_norm_sq", "inference_norm"):
             setattr(self, name, nnx.data(None))
         self.adapter_ids = nnx.data(None)
+        self.routing = None
 
     def _set_stack(self, stack: AdapterStack) -> None:
         self.lora_a, self.lora_b, self.magnitude, self.scales = map(StackedParam, stack[:4])
@@ -150,6 +151,7 @@ class StackedLayer(DoRALayer):
             where,
             apply_kernel=apply_kernel,
             apply_lora_b=apply_lora_b,
+            routing=self.routing,
             **maps,
         )
 
@@ -291,7 +293,7 @@ def cache_stacked_norms(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def with_adapter_ids(model: nnx.Module, adapter_ids) -> nnx.Module:
+def with_adapter_ids(model: nnx.Module, adapter_ids, routing: str | None = None) -> nnx.Module:
     """A view of a stacked model that runs example ``i`` through adapter ``adapter_ids[i]``.
 
     Args:
@@ -300,6 +302,9 @@ def with_adapter_ids(model: nnx.Module, adapter_ids) -> nnx.Module:
         per example: the leading axis of every stacked layer's input. Concrete ids out
         of range are refused (``ValueError``); under ``jit`` they cannot be checked, and
         an example with such an id comes out NaN.
+      routing: how the low-rank products are routed
+        (:func:`dora_jax.ops.stacked_adapter_forward`): ``"gather"``, ``"mask"`` or
+        ``None`` (by the tokens per example). The same numbers either way.
     Returns:
       a copy of ``model``'s graph (sharing its arrays) with the ids set in its stacked
       layers; call it as the model.
@@ -313,4 +318,5 @@ def with_adapter_ids(model: nnx.Module, adapter_ids) -> nnx.Module:
     for _, node in nnx.iter_graph(routed):
         if isinstance(node, StackedLayer):
             node.adapter_ids = nnx.data(ids)
+            node.routing = routing
     return routed
