@@ -12,10 +12,11 @@ Per kernel (any :class:`dora_jax.ops.Layout`, so Flax and torch orientations ali
   and ``W'/g - s*A@B`` recomputed in float64 in a fixed order, plus the original value
   of every element farther than 127 ulps (an index and a value). Its memory is one
   byte per element (a quarter of a float32 kernel, half of a bfloat16 one) plus
-  ``4 + itemsize`` bytes per exception (0.2 to 0.6% of the elements for Gaussian
-  weights, more where ``W0`` holds many values far smaller than its column's scale)
-  and the ``(out,)`` float32 ``g``: 0.26 of a float32 kernel, 0.51 of a bfloat16 one,
-  measured; :attr:`UnmergeRecord.nbytes` says exactly. Making it takes float64
+  ``4 + itemsize`` bytes per exception and the ``(out,)`` float32 ``g``: measured on
+  Gaussian weights, 0.25 of a float32 kernel and 0.50 of a bfloat16 one, with 0.04% of
+  the elements exceptions (``benchmarks/merge_memory.py``), and 0.2 to 0.6% when
+  ``s*A@B`` is as large as ``W0``; more where ``W0`` holds many values far smaller than
+  its column's scale. :attr:`UnmergeRecord.nbytes` says exactly. Making it takes float64
   temporaries of three times the kernel's size. The result is checked against the
   original's sha256, never returned unverified.
 * :func:`weighted_merge` combines several adapters of one kernel by one of two
