@@ -275,6 +275,10 @@ def run_grid(
         loaded, programs = {}, {}
         for cell in missing:
             task_name, method, rank, seed = cell
+            path = folder / f"{cell_name(*cell)}.json"
+            done[cell] = _cached(path, budget)  # another run on this folder may have done it
+            if done[cell] is not None:
+                continue
             if task_name not in loaded:
                 extra = {"packages": packages} if task_name == "code_search" else {}
                 loaded[task_name] = builders[task_name](budget, config, **extra)
@@ -284,7 +288,7 @@ def run_grid(
             if key not in programs:
                 programs[key] = _program(task, method, rank, budget, pretrained)
             result = run_cell(task, method, rank, seed, budget, programs[key])
-            _write_json(folder / f"{cell_name(*cell)}.json", result)
+            _write_json(path, result)
             done[cell] = result
             shown = " ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items())
             print(
