@@ -1,7 +1,8 @@
 """DoRA on a GPU at LLM shapes, bfloat16: an accuracy check and step times, in one call.
 
 Run: ``python benchmarks/gpu.py`` on a machine with a GPU (1 to 3 minutes; no new
-(kernel, rank) pair starts after ``--budget-s``, 210 s, so it ends within about 5).
+(kernel, rank) pair starts after ``--budget-s``, 210 s; then the Llama-shaped model, 1 to
+2 minutes more, so it ends within about 7).
 Without a GPU it prints one line and exits 0; ``python benchmarks/gpu.py --cpu-smoke``
 runs the same code on the CPU with tiny shapes, to test the script.
 
@@ -53,6 +54,14 @@ Flop counts (matmuls only; elementwise work and the gain are ignored), per step,
 so the DoRA/LoRA flop ratio is docs/design.md section 3's floor ``1 + r/(2N)`` up to the
 rank-r terms (``flop ratio`` column). Memory is XLA's
 ``jitted.lower(...).compile().memory_analysis()``: temp (scratch) and argument bytes.
+
+(c) **A Llama-shaped model** (``--no-llama`` skips it): ``examples/llama.py`` at Llama 3
+    8B's layer shapes (width 4096, 32 heads of 128 and 8 key-value heads, SwiGLU MLP of
+    14336) with 4 decoder layers and a vocabulary of 32000, bfloat16, 2 sequences of 2048
+    tokens; adapters of rank 16 on all seven projections (``q, k, v, o, gate, up,
+    down``); one AdamW step of the causal-LM loss, LoRA and DoRA, as
+    ``benchmarks/llm_step.py`` times them on the CPU (there against PEFT). Model FLOPs
+    per step are ``llm_step.step_flops`` (matmuls; no weight gradients of frozen kernels).
 """
 
 from __future__ import annotations
@@ -72,7 +81,10 @@ XLA_DUMPS = xla_memory.dump_xla("step")
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import llm_step  # noqa: E402  (the Llama-shaped model and its step)
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax import nnx  # noqa: E402
 from step_time import make_step  # noqa: E402  (the benchmarks' shared training step)
 
 import dora_jax  # noqa: E402
@@ -97,6 +109,9 @@ GPU_CONFIG = Config(
 SMOKE_CONFIG = Config(
     kernels=((256, 256), (256, 512)), tokens=64, ranks=(4, 8), repeats=5, target_batch_s=0.005
 )
+# Llama 3 8B's layers, 4 of them, 2 x 2048 tokens; the smoke run's is tiny.
+LLAMA_GPU = llm_step.Shape(4096, 4, 32, 8, 14336, 32000, 2, 2048)
+LLAMA_SMOKE = llm_step.Shape(256, 2, 4, 2, 512, 1024, 1, 64)
 DTYPE = jnp.bfloat16
 MAX_INNER = 32  # calls per timed batch at most
 DEFAULT_STACKING = ops.Stacking()  # the backend's own threshold
@@ -346,6 +361,44 @@ def measure(kernel, rank, tokens, base: Timed, x, cfg: Config, deadline_fn, tol)
     )
 
 
+def measure_llama(shape: llm_step.Shape, repeats: int) -> list[list[str]]:
+    """LoRA and DoRA training steps of the Llama-shaped model: table rows."""
+    llama, _ = llm_step.load_examples()
+    tokens = np.random.default_rng(0).integers(0, shape.vocab, (shape.batch, shape.seq_len))
+    runners = []
+    for use_dora in (False, True):
+        model = llm_step.adapted_jax_model(llama, shape, use_dora, DTYPE, nnx.Rngs(0))
+        if use_dora:
+            dora_jax.nnx.cache_base_norms(model)
+        name = "DoRA step" if use_dora else "LoRA step"
+        runner = llm_step.JaxStep(name, model, llm_step.lm_batch(tokens), optax.adamw(1e-4))
+        runner.peak = xla_memory.peak_live(XLA_DUMPS)
+        print(f"  {name}: compiled in {runner.compile_s:.1f} s", flush=True)
+        runners.append(runner)
+        del model
+    harness.interleave(runners, max(3, repeats), steps=2, warmup=2)
+    rows = []
+    for runner, use_dora in zip(runners, (False, True), strict=True):
+        loss = float(runner.last)
+        if not math.isfinite(loss):
+            raise AssertionError(f"Llama-shaped {runner.name}: loss {loss}")
+        ms, flop = runner.median_ms(), llm_step.step_flops(shape, use_dora)
+        ratio = harness.paired_ratio(runner, runners[0]) if use_dora else math.nan
+        flop_ratio = flop / llm_step.step_flops(shape, False)
+        peak = "-" if runner.peak is None else mib(runner.peak.bytes)
+        rows.append(
+            [runner.name, f"{ms:.1f}", f"{shape.tokens / (ms * 1e-3):,.0f}"]
+            + [f"{flop / (ms * 1e-3) / 1e12:.3g}", mib(runner.temp_bytes), peak]
+            + [mib(runner.arg_bytes), "" if math.isnan(ratio) else f"{ratio:.3f}"]
+            + ["" if not use_dora else f"{flop_ratio:.4f}"]
+        )
+    return rows
+
+
+LLAMA_HEAD = ["step", "ms", "tokens/s", "TFLOP/s", "temp MiB", "peak live MiB"]
+LLAMA_HEAD += ["argument MiB", "DoRA / LoRA (paired)", "flop ratio"]
+
+
 # ----- report ----------------------------------------------------------------------------
 
 
@@ -426,6 +479,9 @@ def main(argv=None) -> int:
         "--tol", type=float, default=2e-2, help="max. relative error allowed (%(default)s)"
     )
     parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument(
+        "--no-llama", action="store_true", help="skip the Llama-shaped model (part c)"
+    )
     args = parser.parse_args(argv)
 
     if not args.cpu_smoke and not gpu_available():
@@ -491,6 +547,13 @@ def main(argv=None) -> int:
                 flush=True,
             )
             results.append(result)
+        llama_rows = []
+        if not args.no_llama:
+            shape = LLAMA_SMOKE if args.cpu_smoke else LLAMA_GPU
+            print(
+                f"Llama-shaped model: {shape.describe()} (at {time.perf_counter() - start:.0f} s)"
+            )
+            llama_rows = measure_llama(shape, cfg.repeats)
     table = build_table(results, cfg.tokens)
     summary = build_summary(results, cfg.tokens)
     print(f"\nbfloat16, {cfg.tokens} tokens; medians per call (ms):\n")
@@ -500,11 +563,20 @@ def main(argv=None) -> int:
     peaks = build_peak_table(results, cfg.tokens)
     print("\nPeak live memory of the steps (XLA's live-range analysis, arguments excluded):\n")
     print(peaks)
+    llama_table = harness.table(LLAMA_HEAD, llama_rows) if llama_rows else ""
+    if llama_table:
+        print(
+            f"\nLlama-shaped model, rank {llm_step.RANK} on {', '.join(llm_step.TARGETS)}; "
+            "bfloat16 base, float32 adapters; medians per step:\n"
+        )
+        print(llama_table)
     if skipped:
         print(f"\nskipped (over the {args.budget_s:.0f} s budget): {', '.join(skipped)}")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n\n" + summary + "\n\n" + peaks + "\n")
+            if llama_table:
+                f.write("\n" + llama_table + "\n")
     print(f"\ntotal wall time {time.perf_counter() - start:.1f} s (after imports)")
     return 0
 

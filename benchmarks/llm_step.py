@@ -109,6 +109,30 @@ class Shape(NamedTuple):
 CPU_SHAPE = Shape(1024, 4, 16, 4, 2816, 4096, 1, 512)
 
 
+def step_flops(shape: Shape, use_dora: bool, rank: int = RANK) -> float:
+    """Matmul FLOPs of one adapter training step (elementwise work ignored).
+
+    Forward: ``2 * tokens * (projections + head)`` plus attention's ``4 * layers *
+    tokens * seq_len * heads * head_dim`` (the causal mask ignored); the backward pass
+    computes input gradients only (the same again: no weight gradient of a frozen
+    kernel). Each adapted ``in x out`` projection adds ``6 * tokens * r * (in + out)``
+    (``x@A``, ``(xA)@B`` and their gradients) and, for DoRA, the norm's
+    ``2 * r * in * out + 2 * r * r * (in + out)`` (``A^T W0``, ``A^T A``, ``(A^T A) B``).
+    """
+    n, d = shape.tokens, shape.width
+    head_dim = d // shape.heads
+    q, kv = shape.heads * head_dim, shape.kv_heads * head_dim
+    projections = [(d, q), (d, kv), (d, kv), (q, d)] + [(d, shape.intermediate)] * 2
+    projections += [(shape.intermediate, d)]
+    base = sum(a * b for a, b in projections) * shape.layers + d * shape.vocab
+    forward = 2 * n * base + 4 * shape.layers * n * shape.seq_len * q
+    adapters = sum(6 * n * rank * (a + b) for a, b in projections) * shape.layers
+    if use_dora:
+        norms = sum(2 * rank * a * b + 2 * rank * rank * (a + b) for a, b in projections)
+        adapters += norms * shape.layers
+    return 2 * forward + adapters
+
+
 def load_examples():
     """``(llama, hf_llm)``: the example modules (``examples/`` is not a package)."""
     return harness.load_example("llama"), harness.load_example("hf_llm")
