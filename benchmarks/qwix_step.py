@@ -69,12 +69,10 @@ def main(argv=None) -> None:
     print(harness.banner("jax", "flax", "qwix", load=True))
     config = BertConfig(num_layers=args.layers)
     model = Classifier(config)
-    key_ids, key_labels = jax.random.split(jax.random.key(0))
-    batch = {
-        "input_ids": jax.random.randint(key_ids, (args.batch, args.seq), 0, config.vocab_size),
-        "attention_mask": jnp.ones((args.batch, args.seq), jnp.int32),
-        "labels": jax.random.randint(key_labels, (args.batch,), 0, 2),
-    }
+    # Random token ids; the label of a row is the parity of one more id.
+    ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq + 1), 0, config.vocab_size)
+    tokens = ids[:, :-1]
+    batch = {"input_ids": tokens, "attention_mask": jnp.ones_like(tokens), "labels": ids[:, -1] % 2}
     runs, stored = {}, {}
     for base in args.bases.split(","):
         for variant in ("lora", "dora"):
@@ -83,10 +81,10 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     harness.interleave(list(runs.values()), args.repeats, args.steps)
     wall = time.perf_counter() - start
-    tokens = args.batch * args.seq
     print(
         f"\nBERT ({args.layers} layers of MiniLM's width), batch {args.batch} x seq {args.seq} "
-        f"= {tokens} tokens, rank {args.rank}, every encoder Dense adapted through qwix, "
+        f"= {args.batch * args.seq} tokens, rank {args.rank}, every encoder Dense adapted "
+        f"through qwix, "
         f"AdamW; medians of {args.repeats * args.steps} steps in {args.repeats} interleaved "
         f"rounds ({wall:.0f} s)\n"
     )

@@ -314,11 +314,11 @@ class DoraProvider(qwix.LoraProvider):
             (tuple(range(n_batch)), plan.layout.batch_axes),
         )
 
-        def product(x, w, dims):
+        def product(x, w, dims, result_type=preferred_element_type):
             if isinstance(w, qarray.QArray):
                 return self._dot_general_fn(x, w, dims, preferred_element_type=jnp.float32)
             return jax.lax.dot_general(
-                x, w, dims, precision=precision, preferred_element_type=preferred_element_type
+                x, w, dims, precision=precision, preferred_element_type=result_type
             )
 
         def lora(x, a, b):
@@ -334,19 +334,14 @@ class DoraProvider(qwix.LoraProvider):
         )
         n_lhs_free = lhs.ndim - len(lhs_ca) - len(lhs_ba)
         broadcast = (*plan.batch_shape, *(1,) * n_lhs_free, *plan.out_shape)
-        return self._adapted(
-            rule,
-            plan,
-            name,
-            lhs,
-            rhs,
-            base,
-            lora_shapes=(a_shape, a_tr, b_shape, b_tr),
-            base_of=lambda x, w: product(x, w, dimension_numbers),
-            a_t_w_of=lambda a, w: product(a, w, a_dims),
-            lora_of=lora,
-            to_output=lambda g: jnp.reshape(g, broadcast),
+        maps = (
+            lambda x, w: product(x, w, dimension_numbers),
+            lambda a, w: product(a, w, a_dims, jnp.float32),
+            lora,
+            lambda g: jnp.reshape(g, broadcast),
         )
+        shapes = (a_shape, a_tr, b_shape, b_tr)
+        return self._adapted(rule, plan, name, (lhs, rhs, base), shapes, maps)
 
     def einsum(self, einsum_str, *operands, **kwargs):
         """DoRA ``einsum`` on a weight operand (the right-hand one, as qwix)."""
@@ -376,24 +371,19 @@ class DoraProvider(qwix.LoraProvider):
         a_t_w_equation = f"{batch}{contract}{r},{info.rhs}->{batch}{r}{remain}"
         equation = f"{info.lhs},{info.rhs}->{info.out}"
 
-        def product(eq, x, w):
+        def product(eq, x, w, **options):
             if isinstance(w, qarray.QArray):
                 return self._einsum_fn(eq, x, w, preferred_element_type=jnp.float32)
-            return jnp.einsum(eq, x, w, **kwargs)
+            return jnp.einsum(eq, x, w, **{**kwargs, **options})
 
-        return self._adapted(
-            rule,
-            plan,
-            name,
-            lhs,
-            rhs,
-            base,
-            lora_shapes=(a_shape, a_tr, b_shape, b_tr),
-            base_of=lambda x, w: product(equation, x, w),
-            a_t_w_of=lambda a, w: product(a_t_w_equation, a, w),
-            lora_of=lambda x, a, b: jnp.einsum(lora_equation, x, a, b, **kwargs),
-            to_output=eplan.to_output,
+        maps = (
+            functools.partial(product, equation),
+            functools.partial(product, a_t_w_equation, preferred_element_type=jnp.float32),
+            functools.partial(jnp.einsum, lora_equation, **kwargs),
+            eplan.to_output,
         )
+        shapes = (a_shape, a_tr, b_shape, b_tr)
+        return self._adapted(rule, plan, name, (lhs, rhs, base), shapes, maps)
 
     def conv_general_dilated(
         self,
@@ -412,7 +402,7 @@ class DoraProvider(qwix.LoraProvider):
     ):
         """DoRA convolution: the norm over every kernel axis but the output channels."""
         rule = self._dora_rule("conv_general_dilated")
-        conv = dict(
+        options = dict(
             lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers,
@@ -423,9 +413,11 @@ class DoraProvider(qwix.LoraProvider):
         )
         if rule is None:
             return super().conv_general_dilated(
-                lhs, rhs, window_strides, padding, out_sharding=out_sharding, **conv
+                lhs, rhs, window_strides, padding, out_sharding=out_sharding, **options
             )
         name = flax_util.find_param(rhs, ptq.WithAux)
+        if name is None:  # not a weight
+            return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
         where = self._where(name)
         if rule.weight_qtype is not None:
             raise ValueError(
@@ -443,8 +435,7 @@ class DoraProvider(qwix.LoraProvider):
                 f"{where}: DoRA convolutions need the output features last in the kernel and "
                 f"the output (NHWC / HWIO); got {numbers}."
             )
-        conv["dimension_numbers"] = numbers
-        base = jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv)
+        options["dimension_numbers"] = numbers
         n_in = rhs.ndim - 1
         plan = Plan(
             layout=ops.Layout(batch_axes=(), in_axes=tuple(range(n_in)), out_axes=(n_in,)),
@@ -457,28 +448,20 @@ class DoraProvider(qwix.LoraProvider):
             eps=rule.eps,
         )
         a_dims = ((tuple(range(n_in)), tuple(range(n_in))), ((), ()))
-        return self._adapted(
-            rule,
-            plan,
-            name,
-            lhs,
-            rhs,
-            base,
-            lora_shapes=(
-                plan.a_split,
-                (*range(n_in), None),
-                plan.b_split,
-                (None, n_in),
+
+        def conv(x, w):
+            return jax.lax.conv_general_dilated(x, w, window_strides, padding, **options)
+
+        maps = (
+            conv,
+            lambda a, w: jax.lax.dot_general(
+                a, w, a_dims, precision=precision, preferred_element_type=jnp.float32
             ),
-            base_of=lambda x, w: jax.lax.conv_general_dilated(
-                x, w, window_strides, padding, **conv
-            ),
-            a_t_w_of=lambda a, w: jax.lax.dot_general(a, w, a_dims, precision=precision),
-            lora_of=lambda x, a, b: (
-                jax.lax.conv_general_dilated(x, a, window_strides, padding, **conv) @ b
-            ),
-            to_output=lambda g: g,
+            lambda x, a, b: conv(x, a) @ b,
+            lambda g: g,
         )
+        shapes = (plan.a_split, (*range(n_in), None), plan.b_split, (None, n_in))
+        return self._adapted(rule, plan, name, (lhs, rhs, conv(lhs, rhs)), shapes, maps)
 
     # ---------------------------------------------------------------- shared
 
@@ -514,17 +497,19 @@ class DoraProvider(qwix.LoraProvider):
         rule: DoraRule,
         plan: Plan,
         name: str,
-        lhs,
-        rhs,
-        base: Array,
-        *,
+        operands: tuple,
         lora_shapes: tuple,
-        base_of: Callable,
-        a_t_w_of: Callable,
-        lora_of: Callable,
-        to_output: Callable,
+        maps: tuple[Callable, Callable, Callable, Callable],
     ) -> Array:
-        """``g * (x@W0 + s*(x@A)@B)`` (PEFT's form with dropout) for one adapted weight."""
+        """``g * (x@W0 + s*(x@A)@B)`` (PEFT's form with dropout) for one adapted weight.
+
+        ``operands`` are ``(x, the weight operand, x@W0)``; ``lora_shapes`` qwix's
+        ``(A shape, A sharding transpose, B shape, B sharding transpose)``; ``maps`` the
+        op's ``(x, W0) -> x@W0``, ``(A, W0) -> A^T W0 (*batch, r, *out)``,
+        ``(x, A, B) -> (x@A)@B`` and ``g (*batch, *out) -> broadcastable to the output``.
+        """
+        lhs, rhs, base = operands
+        base_of, a_t_w_of, lora_of, to_output = maps
         self._record(name, plan)
         weight = self._weight(rhs, name, rule)
         quantised = isinstance(weight, qarray.QArray)
@@ -541,11 +526,12 @@ class DoraProvider(qwix.LoraProvider):
         )
         a, b = plan.canonical(lora_a, lora_b)
         a_for_norm = jax.lax.stop_gradient(a) if rule.detach_norm else a
+        # A^T W0 through the base's own product (a quantised weight read as the base reads
+        # it), in the weight's dtype with float32 results, as ops.dora_norm takes it.
         dtype = jnp.float32 if quantised else weight.dtype
-        a_t_w = a_for_norm.astype(dtype)
-        a_t_w = a_t_w_of(a_t_w, weight).astype(jnp.float32)
-        # ||W0||^2 from the weight as stored (a quantised one is read in its int8 / 4-bit
-        # form and dequantised inside the fused reduction).
+        a_t_w = a_t_w_of(a_for_norm.astype(dtype), weight).astype(jnp.float32)
+        # ||W0||^2 from the weight as stored: a quantised one is dequantised inside the
+        # fused reduction, never kept as a float copy.
         base_norm_sq = ops.column_norm_sq(_float_kernel(weight), plan.layout)
         norm = _norm_from_parts(plan, a, b, a_t_w, base_norm_sq)
         g = ops.magnitude_scale(plan.per_feature(magnitude), norm, rule.detach_norm)
@@ -567,7 +553,6 @@ class DoraProvider(qwix.LoraProvider):
     def _lora_params(self, rule: DoraRule, name: str, shapes):
         """qwix's ``w_lora_a`` / ``w_lora_b``: its shapes, sharding and boxing, and the
         rule's adapter dtype."""
-        a_shape, a_transpose, b_shape, b_transpose = shapes
         dtype = rule.adapter_dtype
 
         def cast(init):
@@ -578,13 +563,9 @@ class DoraProvider(qwix.LoraProvider):
             lora_a_initializer=cast(rule.lora_a_initializer),
             lora_b_initializer=cast(rule.lora_b_initializer),
         )
+        keys = ("a_shape", "a_sharding_transpose", "b_shape", "b_sharding_transpose")
         return qwix_lora._get_or_create_lora_params(
-            name=name,
-            rule=creating,
-            a_shape=a_shape,
-            b_shape=b_shape,
-            a_sharding_transpose=a_transpose,
-            b_sharding_transpose=b_transpose,
+            name=name, rule=creating, **dict(zip(keys, shapes, strict=True))
         )
 
 
