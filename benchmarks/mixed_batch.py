@@ -66,16 +66,20 @@ class Stack(nn.Module):
 
 
 def trained(wrapped, params, x, seed):
-    """Variables with trained-looking adapters, drawn with NumPy (shapes by tracing)."""
-    shapes = jax.eval_shape(lambda p: wrapped.init_from_params(jax.random.key(0), p, x), params)
+    """Variables with trained-looking adapters, drawn with NumPy (shapes by tracing):
+    small factors, magnitudes within 50% of one."""
+    dora = jax.eval_shape(lambda p: wrapped.init_from_params(jax.random.key(0), p, x), params)
     rng = np.random.default_rng(seed)
-
-    def value(path, leaf):
-        if jax.tree_util.keystr(path).endswith("['magnitude']"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
-        return jnp.asarray(0.05 * rng.standard_normal(leaf.shape), jnp.float32)
-
-    return {"params": params, "dora": jax.tree_util.tree_map_with_path(value, shapes["dora"])}
+    draw = {
+        "lora_a": lambda shape: 0.05 * rng.standard_normal(shape),
+        "lora_b": lambda shape: 0.05 * rng.standard_normal(shape),
+        "magnitude": lambda shape: rng.uniform(0.5, 1.5, shape),
+    }
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(draw[path[-1].key](leaf.shape), jnp.float32),
+        dora["dora"],
+    )
+    return {"params": params, "dora": adapters}
 
 
 def compiled(fn, *args):

@@ -18,7 +18,7 @@ low-rank products are per adapter (:func:`dora_jax.ops.stacked_adapter_forward`)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -60,23 +60,18 @@ class _StackedAdapter:
     eps: float
     routing: str | None
 
-    def __call__(
-        self,
-        x: Array,
-        kernel: Array,
-        layout: ops.Layout,
-        apply_kernel: Callable[[Array, Array], Array],
-        apply_lora_b: Callable[[Array, Array], Array],
-        to_output: Callable[[Array], Array] | None = None,
-        apply_lora_a: Callable[[Array, Array], Array] | None = None,
-        dense_like: bool = False,
-    ) -> Array:
+    def __call__(self, x: Array, kernel: Array, layout: ops.Layout, *maps, **named) -> Array:
+        """``maps``: ``apply_kernel``, ``apply_lora_b`` and ``to_output`` as the layer's
+        call gives them; ``named``: ``apply_lora_a``, ``dense_like``."""
         module = self.module
         stack = AdapterStack(
             *(module.get_variable(STACK, name) for name in STACKED_LEAVES),
             inference_norm=module.get_variable(DORA_CACHE, INFERENCE_NORM),
         )
-        maps = {"to_output": to_output} if to_output is not None else {}
+        names = ("apply_kernel", "apply_lora_b", "to_output")
+        named.update(zip(names, maps, strict=False))
+        named = {k: v for k, v in named.items() if v is not None}
+        where = describe(module)
         return stacked_output(
             x,
             kernel,
@@ -84,12 +79,9 @@ class _StackedAdapter:
             stack,
             self.adapter_ids,
             self.eps,
-            describe(module),
-            apply_kernel=apply_kernel,
-            apply_lora_b=apply_lora_b,
-            apply_lora_a=apply_lora_a,
+            where,
             routing=self.routing,
-            **maps,
+            **named,
         )
 
 
@@ -104,14 +96,15 @@ def _intercept(adapter_ids, eps, routing, next_fun, args, kwargs, context):
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     adapter = _StackedAdapter(module, adapter_ids, eps, routing)
-    if kind is nn.Dense:
-        return calls.dense_call(module, *args, adapter)
-    if kind is nn.DenseGeneral:
-        return calls.dense_general_call(module, *args, adapter)
-    if kind is nn.Conv:
-        return calls.conv_call(module, *args, adapter)
-    given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
-    return calls.einsum_call(module, args[0], given, adapter)
+    if kind is nn.Einsum:
+        given = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+        return calls.einsum_call(module, args[0], given, adapter)
+    layer_call = {
+        nn.Dense: calls.dense_call,
+        nn.DenseGeneral: calls.dense_general_call,
+        nn.Conv: calls.conv_call,
+    }[kind]
+    return layer_call(module, *args, adapter)
 
 
 def _einsum_str(module: nn.Einsum, args, kwargs) -> str:
