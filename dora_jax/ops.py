@@ -691,8 +691,9 @@ def check_adapter_ids(
     (under ``jit`` they are unknown: :func:`stacked_adapter_forward` then gives the rows
     of out-of-range ids NaN).
     """
-    shape = tuple(jnp.shape(adapter_ids))
-    dtype = jnp.result_type(adapter_ids)
+    if not isinstance(adapter_ids, jax.Array | np.ndarray):
+        adapter_ids = np.asarray(adapter_ids)  # a list of ints, say
+    shape, dtype = tuple(adapter_ids.shape), adapter_ids.dtype
     rows = shape[0] if num_rows is None and len(shape) == 1 else num_rows
     if shape != (rows,) or not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(
