@@ -52,8 +52,10 @@ from dora_jax.linen.models import (
     cache_base_norms,
     cache_norms,
     merge_params,
+    merge_params_exact,
     recompute_magnitudes,
     summary,
+    unmerge_params,
 )
 from dora_jax.linen.multi import StackedModel, stack_adapters
 from dora_jax.linen.wrap import DoRAModel, join_adapters, split_adapters, wrap
@@ -74,10 +76,12 @@ __all__ = [
     "cache_norms",
     "join_adapters",
     "merge_params",
+    "merge_params_exact",
     "recompute_magnitudes",
     "split_adapters",
     "stack_adapters",
     "StackedModel",
+    "unmerge_params",
     "summary",
     "wrap",
 ]

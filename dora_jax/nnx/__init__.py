@@ -34,6 +34,7 @@ from dora_jax.nnx.multi import (
     with_adapter_ids,
 )
 from dora_jax.nnx.surgery import (
+    MergedAdapters,
     SavedParam,
     apply_dora,
     as_linen_variables,
@@ -42,7 +43,9 @@ from dora_jax.nnx.surgery import (
     clear_base_norms,
     clear_norms,
     merge_adapters,
+    merge_adapters_exact,
     summary,
+    unmerge_adapters,
     update_from_linen_variables,
 )
 
@@ -56,6 +59,7 @@ __all__ = [
     "DoRALinearGeneral",
     "DoRAParam",
     "Magnitude",
+    "MergedAdapters",
     "NormCache",
     "STACKED_CLASSES",
     "SavedParam",
@@ -73,8 +77,10 @@ __all__ = [
     "clear_base_norms",
     "clear_norms",
     "merge_adapters",
+    "merge_adapters_exact",
     "stack_adapters",
     "summary",
+    "unmerge_adapters",
     "update_from_linen_variables",
     "with_adapter_ids",
 ]
