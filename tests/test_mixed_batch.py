@@ -345,6 +345,8 @@ def test_ids_out_of_range_are_refused_or_nan_under_jit():
 
 def test_stacks_need_one_base_and_supported_layers():
     net, params, models, variables = _linen_net()
+    with pytest.raises(TypeError, match="needs models made by dora_jax.linen.wrap"):
+        dora_jax.linen.stack_adapters(net, variables, NET_X)
     other = {**variables[1], "params": jax.tree.map(lambda p: p + 1, params)}
     with pytest.raises(ValueError, match=r"params leaf \['conv'\]\['bias'\] of adapter 1"):
         dora_jax.linen.stack_adapters(models[:2], [variables[0], other], NET_X)

@@ -197,18 +197,19 @@ def stack_adapters(
         Embed layers and layers whose example axis is not the input's leading axis.
     """
     variables = list(variables)
-    models = [models] * len(variables) if isinstance(models, DoRAModel) else list(models)
+    models = [models] * len(variables) if isinstance(models, DoRAModel) else models
+    if not isinstance(models, Sequence) or not all(isinstance(m, DoRAModel) for m in models):
+        raise TypeError(
+            f"stack_adapters needs models made by dora_jax.linen.wrap (one for all, or a "
+            f"list); got {type(models).__name__}."
+        )
+    models = list(models)
     if not variables or len(models) != len(variables):
         raise ValueError(
             f"stack_adapters needs one or more variables and one model for all or one "
             f"each; got {len(models)} models and {len(variables)} variables."
         )
     for model in models:
-        if not isinstance(model, DoRAModel):
-            raise TypeError(
-                f"stack_adapters needs models made by dora_jax.linen.wrap; got "
-                f"{type(model).__name__}."
-            )
         if model.model != models[0].model:
             raise ValueError("stack_adapters: the wrapped models are not the same Linen model.")
     params = variables[0]["params"]
