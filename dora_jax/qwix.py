@@ -616,7 +616,8 @@ def merge_params(
         for the plain model.
     Returns:
       the params without adapters, ``W' = m / ||W0 + s*A@B||_c * (W0 + s*A@B)`` in place
-      of each adapted weight (float32 from a quantised base).
+      of each adapted weight (float32 from a quantised base) and, unless ``requantize``,
+      every other quantised weight dequantised.
     """
 
     def visit(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
@@ -630,6 +631,8 @@ def merge_params(
                 out[key] = _merged_weight(provider, "/".join(path), key, tree, requantize)
             elif isinstance(value, Mapping):
                 out[key] = visit(value, (*path, key))
+            elif isinstance(flax_util.unbox(value), ptq.WithAux) and not requantize:
+                out[key] = _float_kernel(flax_util.unbox(value))  # quantised, not adapted
             else:
                 out[key] = value
         return out
@@ -663,7 +666,8 @@ def recompute_magnitudes(provider: DoraProvider, params: Mapping[str, Any]) -> d
 
 
 def merge_model(provider: DoraProvider, model: nnx.Module) -> nnx.Module:
-    """A plain NNX model (the original class) with every adapted weight merged (float).
+    """A plain NNX model (the original class) with every adapted weight merged and every
+    other quantised weight dequantised (float).
 
     ``model`` (from ``qwix.apply_lora_to_model(..., provider, ...)``) is not changed.
     """
@@ -676,6 +680,9 @@ def merge_model(provider: DoraProvider, model: nnx.Module) -> nnx.Module:
                 if hasattr(module, name + suffix):
                     delattr(module, name + suffix)
             setattr(module, name, nnx.Param(weight))
+        for name, value in list(vars(module).items()):
+            if isinstance(value, ptq.WithAux):  # quantised, not adapted
+                setattr(module, name, nnx.Param(_float_kernel(value)))
     plain = getattr(type(merged), "_unquantized_type", None)
     if plain is not None:
         merged.__class__ = plain

@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the frozen base: float (dora_jax.linen.wrap) or quantised by qwix "
         "(dora_jax.qwix.DoraProvider: QDoRA, or QLoRA with --method lora)",
     )
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        default=64,
+        help="with --base-qtype: one scale per this many input weights of each output "
+        "feature (QLoRA's NF4 blocks are 64)",
+    )
     parser.add_argument("--rank", type=int, default=8, help="adapter rank r")
     parser.add_argument(
         "--alpha", type=float, default=16.0, help="adapter scale numerator: s = alpha / r"
@@ -387,11 +394,14 @@ def quantised_model(model, args, key, pretrained, sample):
         alpha=args.alpha,
         use_dora=args.method == "dora",
         weight_qtype=args.base_qtype,
+        tile_size=args.tile_size,
         # PEFT's A init, as dora_jax.linen.wrap's: U(+-1/sqrt(fan_in)).
         lora_a_initializer=jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
     )
     # Every other dense layer of the encoder is quantised too (frozen, no adapters).
-    rest = qwix.QuantizationRule(module_path="bert/encoder/.*", weight_qtype=args.base_qtype)
+    rest = qwix.QuantizationRule(
+        module_path="bert/encoder/.*", weight_qtype=args.base_qtype, tile_size=args.tile_size
+    )
     provider = dora_qwix.DoraProvider([rule, rest])
     runner = qwix.apply_lora_to_model(model, provider)
     variables = jax.jit(runner.init)(key, *inputs(sample))

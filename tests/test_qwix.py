@@ -439,16 +439,21 @@ class Wide(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(256, name="dense")(x)
-        return LinenEinsum((4, 256, 64), name="einsum")("BTD,NDH->BTNH", h)
+        y = LinenEinsum((4, 256, 64), name="einsum")("BTD,NDH->BTNH", h)
+        return nn.Dense(8, name="head")(y)  # quantised, not adapted
 
 
-@pytest.mark.parametrize("qtype, limit", [("int8", 0.27), ("int4", 0.16), ("nf4", 0.16)])
-def test_quantised_base(qtype, limit):
+@pytest.mark.parametrize(
+    "qtype, tile_size, limit", [("int8", None, 0.27), ("int4", None, 0.16), ("nf4", 64, 0.16)]
+)
+def test_quantised_base(qtype, tile_size, limit):
     x = jax.random.normal(jax.random.key(1), (2, 3, 256))
     rule = dict(
         module_path="dense|einsum", rank=RANK, alpha=ALPHA, lora_b_initializer=random_b(0.05)
     )
-    provider = dq.DoraProvider(weight_qtype=qtype, **rule)
+    quantise = dict(weight_qtype=qtype, tile_size=tile_size)
+    head = qwix.QuantizationRule(module_path="head", **quantise)
+    provider = dq.DoraProvider([dq.DoraRule(**rule, **quantise), head])
     model = qwix.apply_lora_to_model(Wide(), provider)
     variables = jax.jit(model.init)(jax.random.key(0), x)
     trainable, frozen = train.partition(variables)
@@ -473,6 +478,7 @@ def test_quantised_base(qtype, limit):
     # The same adapters on the dequantised float weights give the same outputs.
     variables = train.combine(perturb(trainable, jax.random.key(3), 0.05), frozen)
     float_model = qwix.apply_lora_to_model(Wide(), dq.DoraProvider(**rule))
+    assert frozen["params"]["head"]["kernel"].array.qvalue.dtype == stored.dtype
     float_vars = {
         "params": train.combine(train.partition(variables)[0], {"params": dequantised})["params"]
     }
@@ -485,8 +491,8 @@ def test_quantised_base(qtype, limit):
     assert ref.relative_error(jax.jit(Wide().apply)({"params": merged}, x), adapted) <= TOL
     requantised = dq.merge_params(provider, variables["params"], requantize=True)
     qvalue = requantised["dense"]["kernel"].array.qvalue
-    assert qvalue.dtype == stored.dtype and "dense_lora_a" not in requantised["dense"]
-    rules = [qwix.QuantizationRule(module_path="dense|einsum", weight_qtype=qtype)]
+    assert qvalue.dtype == stored.dtype and "kernel_lora_a" not in requantised["dense"]
+    rules = [qwix.QuantizationRule(module_path="dense|einsum|head", **quantise)]
     quantised_plain = qwix.quantize_model(Wide(), qwix.PtqProvider(rules))
     got = jax.jit(quantised_plain.apply)({"params": requantised}, x)
     assert ref.relative_error(got, adapted) <= 0.2  # the error of a second rounding
