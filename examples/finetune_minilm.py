@@ -21,7 +21,8 @@ Run::
 
 ``--base-qtype int8|int4|nf4`` fine-tunes on a quantised base (QDoRA, or QLoRA with
 ``--method lora``): the adapters come from :class:`dora_jax.qwix.DoraProvider` through
-qwix, which keeps the frozen BERT weights quantised in memory; the merged model is float.
+qwix, which keeps the frozen encoder weights quantised in memory (one scale per 64 input
+weights, QLoRA's NF4 blocks); the merged model is float.
 
 With ``--out`` the run writes ``run/checkpoints/`` (adapter-only training state, every
 ``--save-every`` steps, with the data position, so ``--resume`` ends exactly where an
@@ -58,6 +59,9 @@ from dora_jax import train  # noqa: E402
 from dora_jax.checkpoint import AdapterCheckpoints  # noqa: E402
 
 PACKAGES = ("asyncio", "email", "logging", "xml")
+# A quantised base (--base-qtype) has one scale per 64 input weights of each output
+# feature, QLoRA's NF4 block size.
+TILE = 64
 
 
 def stdlib_docstrings(packages=PACKAGES, per_package: int = 200, min_chars: int = 40):
@@ -161,13 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="float",
         help="the frozen base: float (dora_jax.linen.wrap) or quantised by qwix "
         "(dora_jax.qwix.DoraProvider: QDoRA, or QLoRA with --method lora)",
-    )
-    parser.add_argument(
-        "--tile-size",
-        type=int,
-        default=64,
-        help="with --base-qtype: one scale per this many input weights of each output "
-        "feature (QLoRA's NF4 blocks are 64)",
     )
     parser.add_argument("--rank", type=int, default=8, help="adapter rank r")
     parser.add_argument(
@@ -394,13 +391,13 @@ def quantised_model(model, args, key, pretrained, sample):
         alpha=args.alpha,
         use_dora=args.method == "dora",
         weight_qtype=args.base_qtype,
-        tile_size=args.tile_size,
+        tile_size=TILE,
         # PEFT's A init, as dora_jax.linen.wrap's: U(+-1/sqrt(fan_in)).
         lora_a_initializer=jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
     )
     # Every other dense layer of the encoder is quantised too (frozen, no adapters).
     rest = qwix.QuantizationRule(
-        module_path="bert/encoder/.*", weight_qtype=args.base_qtype, tile_size=args.tile_size
+        module_path="bert/encoder/.*", weight_qtype=args.base_qtype, tile_size=TILE
     )
     provider = dora_qwix.DoraProvider([rule, rest])
     runner = qwix.apply_lora_to_model(model, provider)
