@@ -12,13 +12,15 @@ accumulated and sharded steps equal one step on the whole batch). The held-out l
 perplexity (a mean over all held-out completion tokens) and a few greedy generations
 are shown before and after training.
 
-A real checkpoint on a GPU or TPU host (one host; 8 accelerators as fsdp 8)::
+A real checkpoint on a GPU or TPU host (one host, 8 accelerators, the frozen bfloat16
+base sharded over all 8; the folder holds ``config.json``, the safetensors and
+``tokenizer.json``, as on the Hugging Face Hub)::
 
     pip install -e ".[examples]"
     python examples/finetune_llm.py --model /models/Meta-Llama-3-8B \\
         --dataset train.jsonl --eval-dataset test.jsonl --out run/ \\
-        --batch 32 --accumulate 4 --max-len 1024 --steps 1000 --lr 2e-4 \\
-        --remat --fsdp 8 --data 1 --merged
+        --rank 16 --alpha 32 --lr 2e-4 --steps 1000 --batch 32 --accumulate 4 \\
+        --max-len 1024 --eval-batch 16 --remat --fsdp 8 --data 1 --merged
 
 Several hosts (a TPU pod slice, or GPU nodes): the same command on every host, with
 ``--distributed`` (``jax.distributed.initialize()`` finds the cluster on TPU pods and
@@ -410,7 +412,7 @@ def flops_per_token(config: LlamaConfig, context: int, full: bool) -> float:
 class TinySettings:
     """The CPU demonstration's pre-trained model; the cache folder is keyed by all of it."""
 
-    width: int = 256
+    width: int = 128
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
@@ -484,7 +486,8 @@ def pretrained_tiny(settings: TinySettings, cache: Path, *, progress: bool = Tru
     state = train.init_state(nnx.to_pure_dict(params), optimizer)
     rng = np.random.default_rng(settings.seed)
     losses = []
-    for _ in _bar(range(settings.steps), "pre-training", progress):
+    bar = _bar(range(settings.steps), "pre-training", progress)
+    for _ in bar:
         starts = rng.integers(0, len(ids) - settings.seq_len - 1, settings.batch)
         window = np.stack([ids[s : s + settings.seq_len + 1] for s in starts])
         batch = {
@@ -495,6 +498,7 @@ def pretrained_tiny(settings: TinySettings, cache: Path, *, progress: bool = Tru
         }
         state, metrics = step(state, rest, batch)
         losses.append(float(metrics["loss"]))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     nnx.update(model, state.trainable)
     staging = Path(tempfile.mkdtemp(dir=_made(cache)))
     save_model(model, staging, tokenizer.token_to_id(EOS))
@@ -560,6 +564,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos: int | No
         eos_token_id=eos,
         pad_token_id=0 if eos is None else eos,
     )
+    if jax.process_count() > 1:  # every process's copy of the (possibly sharded) result
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
     news = [[int(t) for t in row[width:]] for row in np.asarray(out)]
     return [new[: new.index(eos)] if eos is not None and eos in new else new for new in news]
 
@@ -588,9 +596,13 @@ def _bar(iterable, description: str, progress: bool):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_evaluator(graphdef, data: dict[str, np.ndarray], batch_size: int):
+def make_evaluator(graphdef, data: dict[str, np.ndarray], batch_size: int, mesh=None):
     """``(trainable, frozen) -> (mean loss per completion token, perplexity)`` on ``data``,
-    in fixed-size chunks (the last one padded with weightless rows: one compiled shape)."""
+    in fixed-size chunks (the last one padded with weightless rows: one compiled shape).
+    With a ``mesh`` each chunk is split over its devices as the training batches are
+    (``batch_size`` rounded up to a multiple of the device count)."""
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.size) * mesh.size
 
     @jax.jit
     def sums(trainable, frozen, batch):
@@ -608,6 +620,9 @@ def make_evaluator(graphdef, data: dict[str, np.ndarray], batch_size: int):
             chunk["weights"] = (
                 chunk["weights"] * (np.arange(start, start + batch_size) < n)[:, None]
             )
+            if mesh is not None:
+                chunk = local_rows(chunk, jax.process_index(), jax.process_count())
+                chunk = train.global_batch(chunk, mesh, DATA_AXES)
             a, b = sums(trainable, frozen, chunk)
             total, count = total + float(a), count + float(b)
         loss = total / count
@@ -616,14 +631,15 @@ def make_evaluator(graphdef, data: dict[str, np.ndarray], batch_size: int):
     return evaluate
 
 
-def show_generations(model, rows, tokenizer, eos, max_new_tokens: int, label: str) -> list[str]:
+def show_generations(model, rows, tokenizer, eos, max_new_tokens: int, label: str, say):
+    """Greedy completions of ``rows``' prompts (every process computes; ``say`` prints)."""
     prompts = [tokenizer.encode(r["prompt"], add_special_tokens=False).ids for r in rows]
     texts = [tokenizer.decode(ids) for ids in generate(model, prompts, max_new_tokens, eos)]
-    print(f"greedy generations, {label}:")
+    say(f"greedy generations, {label}:")
     for row, text in zip(rows, texts, strict=True):
-        print(f"  {row['prompt'].splitlines()[0][:76]}")
-        print(f"    -> {text.strip()[:76]!r}")
-        print(f"       reference: {row['completion'].strip()[:64]!r}")
+        say(f"  {row['prompt'].splitlines()[0][:76]}")
+        say(f"    -> {text.strip()[:76]!r}")
+        say(f"       reference: {row['completion'].strip()[:64]!r}")
     return texts
 
 
@@ -825,6 +841,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             )
     if args.merged and args.out is None:
         parser.error("--merged writes OUT/merged/: give --out DIR.")
+    if args.merged and args.distributed:
+        parser.error(
+            "--merged reads every weight into one process, which a multi-host run cannot: "
+            "merge afterwards on one host (hf_llm.load_pretrained, hf_llm.load_adapter, "
+            "hf_llm.save_merged)."
+        )
     if args.batch % args.accumulate:
         parser.error(f"--batch {args.batch} does not split into --accumulate {args.accumulate}.")
     if args.lr is None:
@@ -929,14 +951,14 @@ def main(argv=None) -> dict[str, Any]:
         f"{jax.process_count()} process(es))"
     )
 
-    evaluate = make_evaluator(graphdef, test, args.eval_batch)
+    evaluate = make_evaluator(graphdef, test, args.eval_batch, mesh)
     results: dict[str, Any] = {}
     results["before"] = evaluate(trainable, frozen)
     say(f"held-out loss before: {results['before'][0]:.4f} (perplexity {results['before'][1]:.2f})")
     shown = test_rows[: args.generations]
-    if shown and leader:
+    if shown:
         results["generations_before"] = show_generations(
-            model, shown, tokenizer, eos, args.max_new_tokens, "before fine-tuning"
+            model, shown, tokenizer, eos, args.max_new_tokens, "before fine-tuning", say
         )
 
     schedule = optax.warmup_cosine_decay_schedule(
@@ -984,11 +1006,11 @@ def main(argv=None) -> dict[str, Any]:
         f"held-out loss after {int(state.step)} {args.method.upper()} steps: "
         f"{results['after'][0]:.4f} (perplexity {results['after'][1]:.2f})"
     )
-    if shown and leader:
+    if shown:
         results["generations_after"] = show_generations(
-            model, shown, tokenizer, eos, args.max_new_tokens, "after fine-tuning"
+            model, shown, tokenizer, eos, args.max_new_tokens, "after fine-tuning", say
         )
-    if out is not None and not stopped:
+    if out is not None and not stopped and leader:
         results.update(write_folders(model, dora_config, folder, out, args, say))
     results["trainable"] = trainable
     say(f"done in {time.perf_counter() - start:.0f} s")

@@ -175,7 +175,7 @@ def _tiny_dora_problem(example, rows: int):
             "vocab_size": 64,
             "hidden_size": 32,
             "intermediate_size": 48,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": 1,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
         }
