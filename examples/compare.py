@@ -49,6 +49,7 @@ METHODS = ("full", "lora", "dora")
 RANKS = (1, 2, 4, 8, 16, 32)
 TARGETS = ("query", "value")
 LABELS = {"full": "FT", "lora": "LoRA", "dora": "DoRA"}
+METRIC_ORDER = ("accuracy", "recall@1", "mrr@10")  # the first of a task's is plotted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +306,9 @@ def summarize(cells) -> dict:
     summary = {}
     for task in dict.fromkeys(c["task"] for c in cells):
         mine = [c for c in cells if c["task"] == task]
-        names = tuple(mine[0]["metrics"])
+        # Cells read back from JSON have their metrics sorted by name: use a fixed order.
+        known = {name: i for i, name in enumerate(METRIC_ORDER)}
+        names = tuple(sorted(mine[0]["metrics"], key=lambda n: (known.get(n, len(known)), n)))
         groups: dict[tuple[str, int], list] = {}
         for c in mine:
             if c["method"] != "pretrained":

@@ -93,6 +93,8 @@ def test_grid_runs_two_cells_caches_them_and_refuses_another_budget(compare, tmp
     again = compare.main(args)  # every cell cached: nothing is trained again
     assert "3 cells, 3 cached, 0 to run" in capsys.readouterr().out
     assert again["cells"] == results["cells"]
+    # Read back from JSON (keys sorted), recall@1 still comes first: it is the plotted one.
+    assert again["summary"]["code_search"]["metrics"] == ["recall@1", "mrr@10"]
     # --report-only trains nothing: the cells of seed 1 are listed as missing.
     seeds = args.index("--seeds") + 1
     partial = compare.main([*args[:seeds], "0,1", *args[seeds + 1 :], "--report-only"])
