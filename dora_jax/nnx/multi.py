@@ -65,7 +65,7 @@ class StackedLayer(DoRALayer):
     The layer computes with the Flax layer's own products, as the single-adapter DoRA
     layer it extends. ``inference_norm`` holds the ``(K, *out)`` norms; assigning a new
     kernel variable drops it (as for every DoRA layer) and calls then compute the norms
-    from the kernel; :func:`dora_jax.nnx.cache_norms` caches them again.
+    from the kernel; :func:`cache_stacked_norms` caches them again.
     """
 
     def _init_adapters(self, layout: ops.Layout, *, rngs, lora_a_init=None, lora_b_init=None, **kw):
