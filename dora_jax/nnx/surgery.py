@@ -204,12 +204,12 @@ def cache_base_norms(model: nnx.Module) -> nnx.Module:
     ``nnx.update``. Assigning a new kernel variable drops the layer's caches.
     :func:`apply_dora` and ``from_module`` never create it.
     """
-    return _each_layer(model, DoRALayer.cache_base_norm)
+    return _each_layer(model, "cache_base_norm")
 
 
 def clear_base_norms(model: nnx.Module) -> nnx.Module:
     """Drop every ``||W0||_c^2`` cache set by :func:`cache_base_norms`, in place."""
-    return _each_layer(model, DoRALayer.clear_base_norm)
+    return _each_layer(model, "clear_base_norm")
 
 
 def cache_norms(model: nnx.Module) -> nnx.Module:
@@ -221,19 +221,20 @@ def cache_norms(model: nnx.Module) -> nnx.Module:
     again after changing either, or ``recompute_magnitude()`` / :func:`clear_norms`
     before training. :func:`apply_dora` and ``from_module`` never create it.
     """
-    return _each_layer(model, DoRALayer.cache_norm)
+    return _each_layer(model, "cache_norm")
 
 
 def clear_norms(model: nnx.Module) -> nnx.Module:
     """Drop the inference norm caches set by :func:`cache_norms`, in place."""
-    return _each_layer(model, DoRALayer.clear_norm)
+    return _each_layer(model, "clear_norm")
 
 
-def _each_layer(model: nnx.Module, method) -> nnx.Module:
-    """``method(layer)`` for every DoRA layer of ``model``; returns the model."""
+def _each_layer(model: nnx.Module, method: str) -> nnx.Module:
+    """``layer.method()`` for every DoRA layer of ``model`` (a stacked layer's own
+    override included); returns the model."""
     for _, module in nnx.iter_graph(model):
         if isinstance(module, DoRALayer):
-            method(module)
+            getattr(module, method)()
     return model
 
 
