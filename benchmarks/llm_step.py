@@ -1,6 +1,7 @@
 """Training step of a Llama-shaped decoder: dora-jax DoRA / LoRA, and PEFT on the torch twin.
 
-Run: ``python benchmarks/llm_step.py`` (3 to 5 minutes on an idle 2-core CPU).
+Run: ``python benchmarks/llm_step.py`` (19 minutes on a 2-core CPU shared with other jobs;
+much less on an idle one).
 
 The model is ``examples/llama.py`` at width 1024: 4 decoder layers, 16 attention heads of
 64 and 4 key-value heads (grouped-query attention, as Llama 3), SwiGLU MLP of 2816, an
@@ -28,7 +29,9 @@ numbers: each variant's first-step loss is checked against its counterpart's.
 
 Printed: median step times, DoRA / LoRA of each library and PEFT / dora-jax of each
 method (ratios paired by round: the median over rounds of the ratio of the two
-variants' medians in that round), process CPU time per step, and XLA's memory of the
+variants' medians in that round), process CPU time per step and the same ratios of it
+(less sensitive to other processes on the cores; torch's count includes its threads'
+spinning), and XLA's memory of the
 compiled JAX steps (``jitted.lower(...).compile().memory_analysis()``: temporaries and
 arguments). Goals: dora-jax DoRA / LoRA <= 1.08, PEFT DoRA / dora-jax DoRA >= 1.5.
 """
@@ -303,7 +306,7 @@ def mib(n: float) -> str:
 
 def report(runners) -> str:
     head = ["variant", "median ms", "min ms", "CPU ms", "DoRA / LoRA", "PEFT / dora-jax"]
-    head += ["XLA temp MiB", "XLA argument MiB"]
+    head += ["DoRA / LoRA CPU", "PEFT / dora-jax CPU", "XLA temp MiB", "XLA argument MiB"]
     rows = []
     for name in ("peft-lora", "peft-dora", "jax-lora", "jax-dora"):
         runner = runners[name]
@@ -315,6 +318,10 @@ def report(runners) -> str:
         row += [f"{dora_lora:.3f}" if kind == "dora" else ""]
         versus = harness.paired_ratio(runners[f"peft-{kind}"], runner)
         row += [f"{versus:.2f}" if library == "jax" else ""]
+        cpu_ratio = runner.cpu_ms() / runners[f"{library}-lora"].cpu_ms()
+        row += [f"{cpu_ratio:.3f}" if kind == "dora" else ""]
+        cpu_versus = runners[f"peft-{kind}"].cpu_ms() / runner.cpu_ms()
+        row += [f"{cpu_versus:.2f}" if library == "jax" else ""]
         row += [mib(getattr(runner, "temp_bytes", math.nan))]
         row += [mib(getattr(runner, "arg_bytes", math.nan))]
         rows.append(row)

@@ -20,7 +20,7 @@ base sharded over all 8; the folder holds ``config.json``, the safetensors and
     python examples/finetune_llm.py --model /models/Meta-Llama-3-8B \\
         --dataset train.jsonl --eval-dataset test.jsonl --out run/ \\
         --rank 16 --alpha 32 --lr 2e-4 --steps 1000 --batch 32 --accumulate 4 \\
-        --max-len 1024 --eval-batch 16 --remat --fsdp 8 --data 1 --merged
+        --max-len 1024 --eval-batch 16 --fsdp 8 --data 1 --merged
 
 Several hosts (a TPU pod slice, or GPU nodes): the same command on every host, with
 ``--distributed`` (``jax.distributed.initialize()`` finds the cluster on TPU pods and
@@ -955,7 +955,8 @@ def main(argv=None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     results["before"] = evaluate(trainable, frozen)
     say(f"held-out loss before: {results['before'][0]:.4f} (perplexity {results['before'][1]:.2f})")
-    shown = test_rows[: args.generations]
+    # Prompts from across the held-out set (its rows come module by module).
+    shown = test_rows[:: max(len(test_rows) // max(args.generations, 1), 1)][: args.generations]
     if shown:
         results["generations_before"] = show_generations(
             model, shown, tokenizer, eos, args.max_new_tokens, "before fine-tuning", say
