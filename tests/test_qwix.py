@@ -99,9 +99,8 @@ def adapted_mlp(detach_norm=True, module=Mlp):
     return provider, model, train.combine(trainable, frozen), x
 
 
-@pytest.mark.parametrize("detach_norm", [True])
-def test_dense_equals_wrap(detach_norm):
-    provider, model, variables, x = adapted_mlp(detach_norm)
+def test_dense_equals_wrap():
+    _, model, variables, x = adapted_mlp()
     cotangent = jax.random.normal(jax.random.key(3), (3, 5))
     trainable, frozen = train.partition(variables)
     assert set(trainable["params"]["fc1"]) == {
@@ -110,24 +109,26 @@ def test_dense_equals_wrap(detach_norm):
         "kernel_dora_magnitude",
     }
     assert set(frozen["params"]["fc1"]) == {"kernel", "bias"}
-
-    def loss(t):
-        return jnp.sum(jax.jit(model.apply)(train.combine(t, frozen), x) * cotangent)
-
-    config = dora_jax.DoRAConfig(
-        targets=["fc1", "fc2"], rank=RANK, alpha=ALPHA, detach_norm=detach_norm
-    )
+    config = dora_jax.DoRAConfig(targets=["fc1", "fc2"], rank=RANK, alpha=ALPHA)
     wrapped = dora_jax.linen.wrap(Mlp(), config)
     wvars = dq.to_dora_variables(variables["params"])
 
-    def wrap_loss(dora):
-        return jnp.sum(jax.jit(wrapped.apply)({**wvars, "dora": dora}, x) * cotangent)
+    @jax.jit
+    def outputs_and_grads(trainable, dora):
+        def ours(t):
+            y = model.apply(train.combine(t, frozen), x)
+            return jnp.sum(y * cotangent), y
 
-    assert (
-        ref.relative_error(jax.jit(model.apply)(variables, x), jax.jit(wrapped.apply)(wvars, x))
-        <= TOL
-    )
-    grads, wgrads = jax.grad(loss)(trainable)["params"], jax.grad(wrap_loss)(wvars["dora"])
+        def theirs(d):
+            y = wrapped.apply({**wvars, "dora": d}, x)
+            return jnp.sum(y * cotangent), y
+
+        (_, y), grads = jax.value_and_grad(ours, has_aux=True)(trainable)
+        (_, wy), wgrads = jax.value_and_grad(theirs, has_aux=True)(dora)
+        return y, wy, grads["params"], wgrads
+
+    y, wy, grads, wgrads = outputs_and_grads(trainable, wvars["dora"])
+    assert ref.relative_error(y, wy) <= TOL
     for layer in ("fc1", "fc2"):
         for ours, theirs in (
             ("lora_a", "lora_a"),
@@ -136,16 +137,6 @@ def test_dense_equals_wrap(detach_norm):
         ):
             got = grads[layer][f"kernel_{ours}"]
             assert ref.relative_error(got, wgrads[layer][theirs]) <= TOL, (layer, ours)
-    merged = merged_params(provider, variables["params"])
-    wmerged = jax.jit(functools.partial(dora_jax.merge_params, wrapped))(wvars, x)
-    for layer in ("fc1", "fc2"):
-        assert ref.relative_error(merged[layer]["kernel"], wmerged[layer]["kernel"]) <= TOL
-    assert (
-        ref.relative_error(
-            jax.jit(Mlp().apply)({"params": merged}, x), jax.jit(model.apply)(variables, x)
-        )
-        <= TOL
-    )
 
 
 @pytest.mark.parametrize("detach_norm", [True, False])
@@ -158,13 +149,16 @@ def test_dense_equals_float64_reference(detach_norm):
     s = ALPHA / RANK
     cotangent = np.random.default_rng(0).normal(size=(3, 5))
     trainable, frozen = train.partition(variables)
-    grads = jax.grad(
-        lambda t: jnp.sum(jax.jit(model.apply)(train.combine(t, frozen), x) * cotangent)
-    )(trainable)["params"]["fc"]
+
+    def loss(t):
+        y = model.apply(train.combine(t, frozen), x)
+        return jnp.sum(y * cotangent), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+    grads = grads["params"]["fc"]
     want_w = ref.merged_weight(w0, a, b, m, s)
     merged = merged_params(provider, variables["params"])
     assert ref.relative_error(merged["fc"]["kernel"], want_w) <= TOL
-    y = jax.jit(model.apply)(variables, x)
     assert ref.relative_error(y, ref.linear_forward(x, want_w, bias)) <= TOL
     want = ref.adapter_gradients(
         w0, a, b, m, s, ref.weight_gradient(x, cotangent), detach_norm=detach_norm
@@ -352,21 +346,20 @@ def test_gemma_style_block(framework, tmp_path):
     def loss_fn(out, batch):
         return jnp.mean((out - batch["y"]) ** 2)
 
-    grad_fn = jax.jit(jax.grad(lambda t: loss_fn(forward(t, frozen, batch, rng), batch)))
-    grads = pure(grad_fn(trainable))
-    assert set(grads) == set(EQUATIONS)
-    for name, (shape, _, _, remaining) in EQUATIONS.items():
-        assert grads[name]["w_dora_magnitude"].shape == (
-            int(np.prod([shape[i] for i in remaining])),
-        )
-        assert np.all(np.abs(grads[name]["w_dora_magnitude"]) > 0), name
-
     optimizer = optax.adam(0.05)
     state = train.init_state(trainable, optimizer)
     step = jax.jit(train.make_train_step(forward, loss_fn, optimizer))
     state, metrics = step(state, frozen, batch)
     out1 = forward(state.trainable, frozen, batch, rng)
     assert ref.relative_error(out1, out0) > 1e-3
+    # Adam's first update is lr * g / (|g| + eps): a magnitude moves where its gradient
+    # is nonzero, and only there.
+    before, after = pure(trainable), pure(state.trainable)
+    assert set(after) == set(EQUATIONS)
+    for name, (shape, _, _, remaining) in EQUATIONS.items():
+        moved = np.abs(after[name]["w_dora_magnitude"] - before[name]["w_dora_magnitude"])
+        assert moved.shape == (int(np.prod([shape[i] for i in remaining])),)
+        assert np.all(moved > 0.01), name
 
     # Adapter-only checkpoints: the adapters are the whole saved tree, restored exactly.
     with AdapterCheckpoints(tmp_path, base=frozen) as checkpoints:
@@ -489,6 +482,8 @@ def test_quantised_base(qtype, tile_size, limit):
     merged = merged_params(provider, variables["params"])
     assert merged["dense"]["kernel"].dtype == jnp.float32
     assert ref.relative_error(jax.jit(Wide().apply)({"params": merged}, x), adapted) <= TOL
+    if qtype != "nf4":  # re-quantising: once, on the tiled NF4 base
+        return
     requantised = dq.merge_params(provider, variables["params"], requantize=True)
     qvalue = requantised["dense"]["kernel"].array.qvalue
     assert qvalue.dtype == stored.dtype and "kernel_lora_a" not in requantised["dense"]
@@ -514,16 +509,18 @@ def test_refusals():
 
     x = jnp.ones((1, 5, 5, 3))
     quantised = dq.DoraProvider(module_path="conv", rank=2, alpha=2.0, weight_qtype="int8")
+    key = jax.random.key(0)
     with pytest.raises(ValueError, match="conv/kernel: DoRA on a quantised convolution"):
-        jax.jit(qwix.apply_lora_to_model(ConvNet(), quantised).init)(jax.random.key(0), x)
-    provider, _, variables, _ = adapted_mlp()
-    with pytest.raises(ValueError, match="no record of the weight 'fc1/kernel'"):
-        dq.merge_params(dq.DoraProvider(module_path="fc.*", rank=2, alpha=2.0), variables["params"])
-    x = jnp.ones((2, 3, D))
+        jax.eval_shape(qwix.apply_lora_to_model(ConvNet(), quantised).init, key, x)
+    # Shapes are all these refusals need (eval_shape: nothing is computed).
+    dense = qwix.apply_lora_to_model(One(), dq.DoraProvider(module_path="fc", rank=2, alpha=2.0))
+    shapes = jax.eval_shape(dense.init, key, jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="no record of the weight 'fc/kernel'"):
+        dq.merge_params(dq.DoraProvider(module_path="fc", rank=2, alpha=2.0), shapes["params"])
     einsum_model = qwix.apply_lora_to_model(
         LinenBlock(), dq.DoraProvider(module_path=TARGETS, rank=2, alpha=2.0)
     )
-    einsum_vars = jax.jit(einsum_model.init)(jax.random.key(0), x)
+    einsum_vars = jax.eval_shape(einsum_model.init, key, jnp.ones((2, 3, D)))
     with pytest.raises(
         ValueError, match="'attn_vec_einsum/w' .weight .2, 4, 8.*not a Dense or Conv"
     ):
