@@ -32,11 +32,11 @@ Without ``--model`` (the CPU demonstration, no download): a tiny model of the sa
 architecture is pre-trained on the Python standard library's own source code for a few
 minutes and cached (``--cache``, reused when its settings match), with a byte-level
 BPE tokenizer trained on the same text; then DoRA fine-tunes it to a task it never saw:
-given a function's signature, write the first line of its docstring, with training
+given a function's signature, write the first sentence of its docstring, with training
 pairs from most of the standard library and the held-out pairs from other modules.
 This is the whole pipeline at toy scale, not a useful model::
 
-    python examples/finetune_llm.py                  # about 6 minutes on 2 cores, once
+    python examples/finetune_llm.py   # 15 min on 2 shared cores; 4 once pre-trained
     python examples/finetune_llm.py --out run/ --merged   # keeps checkpoints and folders
 
 ``--out run/`` writes ``run/checkpoints/`` (adapter-only training state every
@@ -691,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--rank", type=int, default=8, help="adapter rank r")
     add("--alpha", type=float, default=16.0, help="adapter scale numerator: s = alpha / r")
-    add("--steps", type=int, default=150, help="optimizer steps in all (the schedule's length)")
+    add("--steps", type=int, default=300, help="optimizer steps in all (the schedule's length)")
     add(
         "--batch",
         type=int,
