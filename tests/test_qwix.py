@@ -361,14 +361,14 @@ def test_gemma_style_block(framework, tmp_path):
         assert moved.shape == (int(np.prod([shape[i] for i in remaining])),)
         assert np.all(moved > 0.01), name
 
-    # Adapter-only checkpoints: the adapters are the whole saved tree, restored exactly.
-    with AdapterCheckpoints(tmp_path, base=frozen) as checkpoints:
-        checkpoints.save(state, force=True)
-        restored = checkpoints.restore(train.init_state(trainable, optimizer))
-    for got, want in zip(
-        jax.tree.leaves(restored.trainable), jax.tree.leaves(state.trainable), strict=True
-    ):
-        np.testing.assert_array_equal(got, want)
+    if framework == "linen":  # adapter-only checkpoints: the adapters restored exactly
+        with AdapterCheckpoints(tmp_path, base=frozen) as checkpoints:
+            checkpoints.save(state, force=True)
+            restored = checkpoints.restore(train.init_state(trainable, optimizer))
+        for got, want in zip(
+            jax.tree.leaves(restored.trainable), jax.tree.leaves(state.trainable), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
 
     merged, merged_out = merge(state.trainable, frozen)
     assert ref.relative_error(merged_out, out1) <= TOL
@@ -450,7 +450,7 @@ def test_quantised_base(qtype, tile_size, limit):
     model = qwix.apply_lora_to_model(Wide(), provider)
     variables = jax.jit(model.init)(jax.random.key(0), x)
     trainable, frozen = train.partition(variables)
-    float_base = jax.jit(Wide().init)(jax.random.key(0), x)["params"]
+    float_base = jax.eval_shape(Wide().init, jax.random.key(0), x)["params"]  # shapes suffice
     ratio = dq.weight_bytes(frozen) / dq.weight_bytes(float_base)
     assert ratio <= limit, ratio
     stored = frozen["params"]["dense"]["kernel"].array.qvalue
