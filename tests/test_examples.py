@@ -71,7 +71,7 @@ def test_minilm_finetune_saves_resumes_and_merges(tmp_path, capsys):
 def test_minilm_full_finetune_and_help():
     example = _minilm()
     flags = [a for a in example.build_parser()._actions if a.dest != "help"]
-    assert len(flags) == 13 and all(a.help for a in flags), [a.dest for a in flags]
+    assert len(flags) == 14 and all(a.help for a in flags), [a.dest for a in flags]
     results = example.main(["--method", "full", "--steps", "1", *SMALL])
     assert results["merged"] == results["after"]
 
