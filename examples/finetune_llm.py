@@ -20,7 +20,7 @@ base sharded over all 8; the folder holds ``config.json``, the safetensors and
     python examples/finetune_llm.py --model /models/Meta-Llama-3-8B \\
         --dataset train.jsonl --eval-dataset test.jsonl --out run/ \\
         --rank 16 --alpha 32 --lr 2e-4 --steps 1000 --batch 32 --accumulate 4 \\
-        --max-len 1024 --eval-batch 16 --fsdp 8 --data 1 --merged
+        --max-len 1024 --eval-batch 16 --fsdp 8 --data 1 --remat --merged
 
 Several hosts (a TPU pod slice, or GPU nodes): the same command on every host, with
 ``--distributed`` (``jax.distributed.initialize()`` finds the cluster on TPU pods and
@@ -732,7 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--remat",
         action="store_true",
         help="rematerialise each decoder block in the "
-        "backward pass (nnx.remat): activation memory for one more forward",
+        "backward pass (jax.checkpoint): activation memory for one more forward",
     )
     add("--fsdp", type=int, default=1, help="mesh axis the frozen weights are sharded over")
     add(

@@ -34,7 +34,7 @@ Interface:
   ``attention_mask`` (bool or 0/1 ``[B, T]``) marks real tokens (False: padding);
   ``positions`` default to the count of real tokens before each one (``arange`` without
   padding, right for left padding too). ``remat=True`` recomputes each decoder block in
-  the backward pass (``nnx.remat``).
+  the backward pass (``jax.checkpoint`` per block).
 * :func:`init_cache` ``(model, batch, max_length, dtype=None)``: an empty KV cache (a
   pytree of arrays, so it passes through ``jax.jit``).
 * :func:`generate` ``(model, tokens, max_new_tokens, *, attention_mask=None,
@@ -444,8 +444,20 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
 
 
-def _block(layer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)[0]
+def _remat_block(layer, x, cos, sin, mask):
+    """``layer``'s output, recomputed in the backward pass.
+
+    ``jax.checkpoint`` of a pure function of the layer's state rather than ``nnx.remat``:
+    the block mutates nothing, and ``nnx.remat`` writes every variable back afterwards,
+    which fails for frozen variables of an outer trace when only the adapters are
+    differentiated.
+    """
+    graphdef, state = nnx.split(layer)
+
+    def pure(state, x, cos, sin, mask):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
+
+    return jax.checkpoint(pure)(state, x, cos, sin, mask)
 
 
 class LlamaModel(nnx.Module):
@@ -467,7 +479,7 @@ class LlamaModel(nnx.Module):
                 x, layer_cache = layer(x, cos, sin, mask, cache[i], index)
                 new_layers.append(layer_cache)
             elif self.remat:
-                x = nnx.remat(_block)(layer, x, cos, sin, mask)
+                x = _remat_block(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask)[0]
         return self.norm(x), tuple(new_layers)
@@ -481,7 +493,7 @@ class Llama(nnx.Module):
       dtype: the compute dtype (activations; attention scores, softmax, RMSNorm and
         rotary embeddings are float32 whatever it is).
       param_dtype: the parameters' dtype.
-      remat: recompute each decoder block in the backward pass (``nnx.remat``).
+      remat: recompute each decoder block in the backward pass (``jax.checkpoint`` per block).
       rngs: initialises the (random) weights.
     """
 

@@ -233,7 +233,7 @@ def test_fsdp_by_data_mesh_of_8_devices_equals_one_device(example, toy, whole):
     env.pop("XLA_FLAGS", None)
     eight = toy["root"] / "eight"
     command = [sys.executable, str(EXAMPLE), *flags, "--out", str(eight)]
-    command += ["--cpu-devices", "8", "--fsdp", "4", "--data", "2"]
+    command += ["--cpu-devices", "8", "--fsdp", "4", "--data", "2", "--remat"]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "mesh fsdp 4 x data 2 (8 cpu device(s)" in run.stdout

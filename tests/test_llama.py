@@ -191,6 +191,22 @@ def test_remat_and_bfloat16(folders):
     assert recomputed(False) == 0 and recomputed(True) >= 1
     folder = folders["llama3"][1]
     assert hf_llm.load_pretrained(folder, remat=True)[0].model.remat
+
+    # With DoRA and only the adapters differentiated, as a training step does.
+    def adapter_grads(remat: bool):
+        model = llama.Llama(llama.LlamaConfig(**SMALL), remat=remat, rngs=nnx.Rngs(0))
+        config = dora_jax.DoRAConfig(targets=["q_proj", "down_proj"], rank=2)
+        dora_jax.nnx.apply_dora(model, config, rngs=nnx.Rngs(1))
+        graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+        adapters = jax.tree.map(lambda a: a + 0.1, adapters)  # B != 0: every factor matters
+
+        def loss(adapters):
+            return nnx.merge(graphdef, adapters, frozen)(jnp.asarray(ids)).mean()
+
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(adapters))
+
+    for got, want in zip(adapter_grads(True), adapter_grads(False), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     low, _ = hf_llm.load_pretrained(folder)  # bfloat16 by default
     assert low.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     high, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
