@@ -67,6 +67,7 @@ rank-r terms (``flop ratio`` column). Memory is XLA's
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 import time
@@ -577,6 +578,15 @@ def main(argv=None) -> int:
             f.write(table + "\n\n" + summary + "\n\n" + peaks + "\n")
             if llama_table:
                 f.write("\n" + llama_table + "\n")
+    if importlib.util.find_spec("qwix") is not None:
+        import qwix_step  # DoRA / qwix-LoRA step time on float, int8 and NF4 bases
+
+        print("\nDoRA through qwix against qwix's LoRA (benchmarks/qwix_step.py):\n", flush=True)
+        qwix_step.main(
+            ["--layers", "1", "--batch", "2", "--seq", "16", "--repeats", "2", "--steps", "1"]
+            if args.cpu_smoke
+            else ["--layers", "6", "--batch", "8", "--seq", "512", "--repeats", "5"]
+        )
     print(f"\ntotal wall time {time.perf_counter() - start:.1f} s (after imports)")
     return 0
 
