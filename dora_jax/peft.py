@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dora_jax import merging
 from dora_jax import nnx as dora_nnx
 from dora_jax.adapters import DORA
 from dora_jax.config import DoRAConfig
@@ -126,22 +126,15 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, refusing non-float and non-finite ones by key."""
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file (a PEFT adapter folder holds {WEIGHTS}).")
-    data = file.read_bytes()
-    header, start = _header(file, data)
+    _, infos = merging.read_header(file)  # offsets checked against shapes, the file named
     tensors = {}
-    for key, info in header.items():
-        dtype = info["dtype"]
-        if dtype not in _FLOAT_DTYPES:
+    for key, info in infos.items():
+        if info.dtype not in _FLOAT_DTYPES:
             raise ValueError(
-                f"{file}: tensor {key!r} has dtype {dtype}; adapter tensors must be floating "
-                f"point ({', '.join(_FLOAT_DTYPES)})."
+                f"{file}: tensor {key!r} has dtype {info.dtype}; adapter tensors must be "
+                f"floating point ({', '.join(_FLOAT_DTYPES)})."
             )
-        dtype = np.dtype(_FLOAT_DTYPES[dtype])
-        begin, end = info["data_offsets"]
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if end - begin != count * dtype.itemsize or start + end > len(data):
-            raise ValueError(f"{file}: tensor {key!r} has a size that does not fit its shape.")
-        array = np.frombuffer(data, dtype, count, start + begin).reshape(info["shape"])
+        array = merging.read_tensor(file, info)
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         if bad:
             raise ValueError(
@@ -153,25 +146,7 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
 
 def _tensor_names(file: Path) -> list[str] | None:
     """The tensor keys of a safetensors file (its header only), or None if it is absent."""
-    if not file.is_file():
-        return None
-    with open(file, "rb") as f:
-        head = f.read(8)
-        size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        data = head + f.read(min(size, 100_000_000))
-    return list(_header(file, data)[0])
-
-
-def _header(file: Path, data: bytes) -> tuple[dict[str, Any], int]:
-    try:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size])
-        header.pop("__metadata__", None)
-        for info in header.values():
-            info["dtype"], info["shape"], info["data_offsets"]  # noqa: B018
-    except (struct.error, ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"{file}: not a readable safetensors file ({error}).") from None
-    return header, 8 + size
+    return list(merging.read_header(file)[1]) if file.is_file() else None
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import dora_jax
+from dora_jax import merging
 from dora_jax import peft as dora_peft
 
 
@@ -123,15 +124,9 @@ def read_config(folder: str | Path) -> LlamaConfig:
 
 def _header(file: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and the
-    byte offset of its data."""
-    with open(file, "rb") as f:
-        head = f.read(8)
-        try:
-            (size,) = struct.unpack("<Q", head)
-            header = json.loads(f.read(size))
-        except (struct.error, ValueError) as error:
-            raise ValueError(f"{file}: not a readable safetensors file ({error}).") from None
-    return header, 8 + size
+    byte offset of its data; ``merging.read_header`` checks every offset against its shape."""
+    head, _ = merging.read_header(file)
+    return json.loads(head[8:]), len(head)
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
