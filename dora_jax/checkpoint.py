@@ -541,6 +541,17 @@ def _check_stored(directory: Path, names: Mapping[str, str], where: str) -> None
             )
 
 
+def saved_steps(directory: str | Path) -> list[int]:
+    """The complete steps saved in ``directory`` (an :class:`AdapterCheckpoints` folder),
+    in increasing order, read from the file system alone: no Orbax manager, no lock.
+    Empty when the folder does not exist. For "is this folder already used?" before
+    opening it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _complete(p))
+
+
 def _complete(folder: Path) -> bool:
     return (folder / "meta" / RECORD).is_file() and (folder / "state" / STORED).is_file()
 

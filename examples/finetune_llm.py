@@ -82,7 +82,7 @@ from llama import Llama, LlamaConfig  # noqa: E402
 
 import dora_jax  # noqa: E402
 from dora_jax import train  # noqa: E402
-from dora_jax.checkpoint import AdapterCheckpoints  # noqa: E402
+from dora_jax.checkpoint import AdapterCheckpoints, saved_steps  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 EOS = "<|endoftext|>"
@@ -834,7 +834,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--resume continues the run saved in --out: give --out DIR.")
     if args.out is not None and not args.resume:
         found = Path(args.out, "checkpoints")
-        if found.is_dir() and any(p.name.isdigit() for p in found.iterdir()):
+        if saved_steps(found):
             parser.error(
                 f"{found} holds checkpoints of an earlier run: pass --resume to continue "
                 "it, or choose another --out."

@@ -56,7 +56,7 @@ from bert import Bert, BertConfig, load_minilm, mean_pool, minilm_path  # noqa: 
 import dora_jax  # noqa: E402
 from dora_jax import peft as dora_peft  # noqa: E402
 from dora_jax import train  # noqa: E402
-from dora_jax.checkpoint import AdapterCheckpoints  # noqa: E402
+from dora_jax.checkpoint import AdapterCheckpoints, saved_steps  # noqa: E402
 
 PACKAGES = ("asyncio", "email", "logging", "xml")
 # A quantised base (--base-qtype) has one scale per 64 input weights of each output
@@ -211,7 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--resume continues the run saved in --out: give --out DIR.")
     if args.out is not None and not args.resume:
         found = Path(args.out, "checkpoints")
-        if found.is_dir() and any(p.name.isdigit() for p in found.iterdir()):  # step folders
+        if saved_steps(found):
             parser.error(
                 f"{found} holds checkpoints of an earlier run: pass --resume to continue "
                 "it, or choose another --out."

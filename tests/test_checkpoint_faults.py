@@ -166,6 +166,8 @@ def test_garbage_record_is_named(tmp_path, capfd):
 def test_empty_latest_step_folder(tmp_path, capfd):
     states = _saved(tmp_path)
     (tmp_path / "3").mkdir()
+    assert ckpt.saved_steps(tmp_path) == [1, 2]  # from the files alone, no lock taken
+    assert ckpt.saved_steps(tmp_path / "absent") == []
     with AdapterCheckpoints(tmp_path) as checkpoints:
         assert checkpoints.latest_step() == 2  # not the empty folder
         with pytest.raises(CorruptCheckpointError, match="is empty") as error:
