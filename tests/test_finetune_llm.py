@@ -6,7 +6,6 @@ the fine-tuning data are a few standard-library signature -> summary pairs.
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_example
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
@@ -27,18 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune_llm.py"
 
 
-def _load():
-    if "finetune_llm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("finetune_llm", EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["finetune_llm"] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["finetune_llm"]
-
-
 @pytest.fixture(scope="module")
 def example():
-    return _load()
+    return load_example("finetune_llm")
 
 
 TINY = {"width": 32, "layers": 2, "vocab": 512, "corpus_bytes": 60_000, "steps": 3}

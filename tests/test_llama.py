@@ -13,7 +13,6 @@ subprocess (the device count is fixed when JAX starts).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_example
 from flax import nnx
 
 import dora_jax
@@ -42,18 +42,8 @@ TOL = 1e-4
 VOCAB = 128
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-llama = _load("llama")
-hf_llm = _load("hf_llm")
+llama = load_example("llama")
+hf_llm = load_example("hf_llm")
 
 SMALL = {
     "hidden_size": 64,
