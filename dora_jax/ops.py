@@ -516,6 +516,14 @@ def adapter_forward(
     Returns:
       ``y - bias`` of the adapted layer (see :func:`adapted_layer_output`).
     """
+    lead = None
+    if dense_like and x.ndim > 2:
+        # One row per token (a free reshape). Over (batch, tokens) XLA's CPU backend
+        # copies dy transposed for B's gradient, and with one sequence reduces the
+        # magnitude's gradient over a middle axis, ten times slower than over rows.
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        x_dropped = None if x_dropped is None else x_dropped.reshape(x.shape)
     a_t_w = None
     if (
         magnitude is not None
@@ -547,7 +555,8 @@ def adapter_forward(
     base_out_dropped = None
     if x_dropped is not None and g is not None:
         base_out_dropped = apply_kernel(x_dropped, kernel)
-    return adapted_layer_output(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
+    y = adapted_layer_output(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
+    return y if lead is None else y.reshape(*lead, y.shape[-1])
 
 
 def _stacking_pays(
