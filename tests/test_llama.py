@@ -207,6 +207,70 @@ def test_remat_and_bfloat16(folders):
 # ------------------------------------------------------------------------------ config
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_block_causal_attention_matches_float64(jit):
+    """Causal attention in query blocks (each over the keys up to its last query) with
+    its own backward pass equals the float64 softmax attention: outputs and the
+    gradients of q, k, v, with grouped-query heads, left padding and uneven blocks."""
+    t, heads, kv_heads, dim = 200, 4, 2, 8  # 3 blocks of 66, 67 and 67 queries
+    rng = np.random.default_rng(0)
+    q, k, v, d_out = (
+        rng.standard_normal(shape).astype(np.float32)
+        for shape in [(2, t, heads, dim), (2, t, kv_heads, dim), (2, t, kv_heads, dim)]
+        + [(2, t, heads, dim)]
+    )
+    real = np.ones((2, t), bool)
+    real[1, :5] = False
+    mask = real[:, None, :] & np.tril(np.ones((t, t), bool))[None]
+    assert min(llama.QUERY_BLOCKS, t // llama.MIN_BLOCK) == 3
+
+    def reference(q, k, v):  # float64, every key of every query, masked by select
+        k, v = np.repeat(k, heads // kv_heads, axis=2), np.repeat(v, heads // kv_heads, axis=2)
+        scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dim)
+        scores = np.where(mask[:, None], scores, -1e300)  # padding rows: all masked
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        return np.einsum("bhts,bshd->bthd", probs, v)
+
+    def loss(q, k, v):
+        out = llama.attention(q, k, v, jnp.asarray(mask), causal=True)
+        return jnp.sum(out * d_out * real[:, :, None, None]), out
+
+    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (d_q, d_k, d_v), out = (jax.jit(grad) if jit else grad)(q, k, v)
+    f64 = [x.astype(np.float64) for x in (q, k, v)]
+    np.testing.assert_allclose(out[real], reference(*f64)[real], rtol=0, atol=1e-5)
+    # Gradients by central differences of the float64 loss along one random direction.
+    directions = [rng.standard_normal(x.shape) for x in f64]
+    weights = d_out.astype(np.float64) * real[:, :, None, None]
+
+    def f64_loss(shift):
+        moved = [x + shift * d for x, d in zip(f64, directions, strict=True)]
+        return np.sum(reference(*moved) * weights)
+
+    numeric = (f64_loss(1e-4) - f64_loss(-1e-4)) / 2e-4
+    analytic = sum(
+        np.sum(np.asarray(g, np.float64) * d)
+        for g, d in zip((d_q, d_k, d_v), directions, strict=True)
+    )
+    assert abs(analytic - numeric) <= 1e-4 * abs(numeric)
+
+    # And each gradient against autodiff of the plain single-block softmax.
+    def plain(q, k, v):
+        groups = heads // kv_heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dim)
+        probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1)
+        return jnp.sum(jnp.einsum("bhts,bshd->bthd", probs, v) * weights)
+
+    for ours, theirs in zip(
+        (d_q, d_k, d_v), jax.grad(plain, argnums=(0, 1, 2))(q, k, v), strict=True
+    ):
+        np.testing.assert_allclose(
+            ours, theirs, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(theirs)))
+        )
+
+
 def test_config_round_trip():
     config = llama.LlamaConfig(**SMALL, rope_scaling=LLAMA3_ROPE, attention_bias=True)
     assert llama.LlamaConfig.from_hf(config.to_hf()) == config
