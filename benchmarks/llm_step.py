@@ -34,6 +34,11 @@ variants' medians in that round), process CPU time per step and the same ratios 
 spinning), and XLA's memory of the
 compiled JAX steps (``jitted.lower(...).compile().memory_analysis()``: temporaries and
 arguments). Goals: dora-jax DoRA / LoRA <= 1.08, PEFT DoRA / dora-jax DoRA >= 1.5.
+
+Last, the bound this machine puts on any step: the rate of the step's largest product
+(:func:`matmul_rate`, JAX and torch) and the time the step's matmul FLOPs
+(:func:`step_flops`) take at the faster of the two, so PEFT DoRA over that time is the
+largest speed-up over PEFT that any implementation could show here.
 """
 
 from __future__ import annotations
@@ -134,6 +139,32 @@ def step_flops(shape: Shape, use_dora: bool, rank: int = RANK) -> float:
         norms = sum(2 * rank * a * b + 2 * rank * rank * (a + b) for a, b in projections)
         adapters += norms * shape.layers
     return 2 * forward + adapters
+
+
+def matmul_rate(shape: Shape, repeats: int = 20) -> dict[str, float]:
+    """GFLOP/s of the step's largest product (``tokens x width`` times ``width x
+    intermediate``, float32) in JAX and in torch on this machine: medians of
+    ``repeats`` calls. The faster of the two bounds any step here."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    lhs = rng.standard_normal((shape.tokens, shape.width), dtype=np.float32)
+    rhs = rng.standard_normal((shape.width, shape.intermediate), dtype=np.float32)
+    flops = 2 * lhs.shape[0] * lhs.shape[1] * rhs.shape[1]
+    product = jax.jit(jnp.matmul)
+    jax_args = (jnp.asarray(lhs), jnp.asarray(rhs))
+    torch_args = (torch.from_numpy(lhs), torch.from_numpy(rhs))
+    calls = {
+        "jax": lambda: product(*jax_args).block_until_ready(),
+        "torch": lambda: torch.matmul(*torch_args),
+    }
+    rates = {}
+    for name, call in calls.items():
+        runner = harness.Timed(name, call)
+        runner.run(2, record=False)
+        runner.run(repeats)
+        rates[name] = flops / runner.median_ms() / 1e6
+    return rates
 
 
 def load_examples():
@@ -354,11 +385,22 @@ def main(argv=None) -> int:
     )
     start = time.perf_counter()
     runners = measure(CPU_SHAPE, args.rounds, args.steps, args.seed)
+    rates = matmul_rate(CPU_SHAPE)
     table = report(runners)
     dora_lora = harness.paired_ratio(runners["jax-dora"], runners["jax-lora"])
     versus = harness.paired_ratio(runners["peft-dora"], runners["jax-dora"])
     print(f"\nload average at end: {harness.load_average()}\n")
     print(table)
+    peak = max(rates.values())
+    floor_ms = step_flops(CPU_SHAPE, use_dora=True) / peak / 1e6
+    print(
+        f"\nmatmul rate ({CPU_SHAPE.tokens} x {CPU_SHAPE.width} @ {CPU_SHAPE.width} x "
+        f"{CPU_SHAPE.intermediate}, float32): "
+        + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in rates.items())
+        + f"; the DoRA step's {step_flops(CPU_SHAPE, use_dora=True) / 1e9:.1f} GFLOP of "
+        f"products alone take {floor_ms:.0f} ms at the faster rate, so no step here beats "
+        f"PEFT's DoRA by more than {runners['peft-dora'].median_ms() / floor_ms:.2f}x"
+    )
     print(
         f"\ndora-jax DoRA / LoRA {dora_lora:.3f} (goal <= {GOAL_RATIO}: "
         f"{'met' if dora_lora <= GOAL_RATIO else 'NOT met'}); PEFT DoRA / dora-jax DoRA "
