@@ -365,6 +365,9 @@ def attention(q: Array, k: Array, v: Array, mask: Array, *, causal: bool) -> Arr
         may mask more, e.g. padding), so query blocks skip the keys after them.
     Returns:
       ``[B, T, heads, head_dim]`` in ``v``'s dtype.
+
+    Its gradient is a ``jax.custom_vjp``: reverse mode (``jax.grad``, ``jax.vjp``) only;
+    ``jax.jvp`` through it raises.
     """
     b, t, heads, dim = q.shape
     kv_heads = k.shape[2]
