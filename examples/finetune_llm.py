@@ -548,6 +548,23 @@ def frozen_shardings(frozen, mesh: Mesh):
     return jax.tree.map(sharding, frozen)
 
 
+def place(tree, shardings):
+    """``jax.device_put`` of every leaf onto its sharding (a tree of them, or one for all),
+    typed PRNG keys included: across processes ``device_put`` refuses a key array (the
+    layers' dropout keys, the step's key) for a mesh with other processes' devices, so a
+    key travels as its raw data."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list:
     """Greedy continuations of the prompts (left-padded into one batch): per prompt, the
     new tokens up to (without) ``eos``."""
@@ -943,7 +960,7 @@ def main(argv=None) -> dict[str, Any]:
     # Replicated over the mesh (made from sharded kernels, a magnitude may be sharded).
     trainable = jax.device_put(nnx.to_pure_dict(trainable), NamedSharding(mesh, P()))
     frozen_sharding = frozen_shardings(frozen, mesh)
-    frozen = jax.device_put(frozen, frozen_sharding)
+    frozen = place(frozen, frozen_sharding)
     say(
         f"{config.num_hidden_layers} layers, width {config.hidden_size}, "
         f"base {jnp.dtype(dtype).name}, "
@@ -993,7 +1010,7 @@ def main(argv=None) -> dict[str, Any]:
                     ),  # the base, no rng keys
                 )
             )
-        state = jax.device_put(
+        state = place(
             train.init_state(trainable, optimizer, rng=args.seed), NamedSharding(mesh, P())
         )
         state, stopped = run_training(

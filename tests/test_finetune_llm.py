@@ -1,5 +1,5 @@
 """examples/finetune_llm.py at toy size: end to end, resume, the loss mask, accumulation,
-and the fsdp x data mesh of 8 CPU devices against one device.
+and the fsdp x data mesh of 8 CPU devices (in one process, and in two) against one device.
 
 The tiny model is pre-trained once per module (a few steps, a temporary cache folder);
 the fine-tuning data are a few standard-library signature -> summary pairs.
@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,42 @@ def test_fsdp_by_data_mesh_of_8_devices_equals_one_device(example, toy, whole):
     assert "mesh fsdp 4 x data 2 (8 cpu device(s)" in run.stdout
     got, want = _arrays(eight / "adapter"), _arrays(whole[0]["adapter"])
     assert sorted(got) == sorted(want) and len(got) == 2 * 7 * 3  # 2 layers, 7 targets
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_two_processes_equal_one_device(example, toy, whole):
+    """Two processes (4 CPU devices each) joined by ``jax.distributed`` on localhost,
+    an fsdp 4 x data 2 mesh over both: the adapters of one device, generations on."""
+    flags = [*toy["flags"], "--steps", str(STEPS), "--save-every", "2"]
+    flags += ["--generations", "1", "--max-new-tokens", "2"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("XLA_FLAGS", None)
+    out = toy["root"] / "two_processes"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, str(EXAMPLE), *flags, "--out", str(out), "--cpu-devices", "4"]
+    command += ["--fsdp", "4", "--data", "2", "--distributed", "--num-processes", "2"]
+    command += ["--coordinator", f"localhost:{port}"]
+    workers = [
+        subprocess.Popen(
+            [*command, "--process-id", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    runs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-3000:] for _, err in runs]
+    assert "mesh fsdp 4 x data 2 (8 cpu device(s), 2 process(es))" in runs[0][0]
+    got, want = _arrays(out / "adapter"), _arrays(whole[0]["adapter"])
+    assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
