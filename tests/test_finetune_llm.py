@@ -237,7 +237,8 @@ def test_fsdp_by_data_mesh_of_8_devices_equals_one_device(example, toy, whole):
 
 def test_two_processes_equal_one_device(example, toy, whole):
     """Two processes (4 CPU devices each) joined by ``jax.distributed`` on localhost,
-    an fsdp 4 x data 2 mesh over both: the adapters of one device, generations on."""
+    an fsdp 4 x data 2 mesh over both, stopped after step 2 and resumed from its
+    checkpoint, generations on: the adapters of one uninterrupted device."""
     flags = [*toy["flags"], "--steps", str(STEPS), "--save-every", "2"]
     flags += ["--generations", "1", "--max-new-tokens", "2"]
     env = {
@@ -246,25 +247,28 @@ def test_two_processes_equal_one_device(example, toy, whole):
     }
     env.pop("XLA_FLAGS", None)
     out = toy["root"] / "two_processes"
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     command = [sys.executable, str(EXAMPLE), *flags, "--out", str(out), "--cpu-devices", "4"]
     command += ["--fsdp", "4", "--data", "2", "--distributed", "--num-processes", "2"]
-    command += ["--coordinator", f"localhost:{port}"]
-    workers = [
-        subprocess.Popen(
-            [*command, "--process-id", str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    runs = [w.communicate(timeout=600) for w in workers]
-    assert all(w.returncode == 0 for w in workers), [err[-3000:] for _, err in runs]
-    assert "mesh fsdp 4 x data 2 (8 cpu device(s), 2 process(es))" in runs[0][0]
+    printed = []
+    for extra in (["--stop-after", "2"], ["--resume"]):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        workers = [
+            subprocess.Popen(
+                [*command, *extra, "--coordinator", f"localhost:{port}", "--process-id", str(i)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        runs = [w.communicate(timeout=600) for w in workers]
+        assert all(w.returncode == 0 for w in workers), [err[-3000:] for _, err in runs]
+        printed.append(runs[0][0])
+    assert "mesh fsdp 4 x data 2 (8 cpu device(s), 2 process(es))" in printed[0]
+    assert "resuming from step 2" in printed[1]
     got, want = _arrays(out / "adapter"), _arrays(whole[0]["adapter"])
     assert sorted(got) == sorted(want)
     for name in want:
