@@ -1,6 +1,6 @@
 """Training step of a Llama-shaped decoder: dora-jax DoRA / LoRA, and PEFT on the torch twin.
 
-Run: ``python benchmarks/llm_step.py`` (91 s on a quiet 2-core CPU; 10 to 19 minutes on one
+Run: ``python benchmarks/llm_step.py`` (80 s on a quiet 2-core CPU; 10 to 19 minutes on one
 shared with other jobs, where torch's threads suffer most: run it on a quiet machine).
 
 The model is ``examples/llama.py`` at width 1024: 4 decoder layers, 16 attention heads of
