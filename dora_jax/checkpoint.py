@@ -552,6 +552,28 @@ def saved_steps(directory: str | Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _complete(p))
 
 
+def check_run_folder(directory: str | Path | None, resume: bool) -> None:
+    """Before a training run: refuse to resume without a folder, and to start afresh in a
+    folder that holds another run's complete steps (which :func:`~dora_jax.train.fit`
+    would silently continue instead).
+
+    Args:
+      directory: the run's :class:`AdapterCheckpoints` folder, or ``None`` for no
+        checkpoints.
+      resume: the run means to continue the one saved in ``directory``.
+    Raises:
+      ValueError: naming the folder and its saved steps.
+    """
+    if resume and directory is None:
+        raise ValueError("resuming continues the run saved in a checkpoint folder; none given.")
+    steps = [] if directory is None or resume else saved_steps(directory)
+    if steps:
+        raise ValueError(
+            f"{directory} holds checkpoints of an earlier run (steps {steps}): resume it, "
+            "or choose another folder."
+        )
+
+
 def _complete(folder: Path) -> bool:
     return (folder / "meta" / RECORD).is_file() and (folder / "state" / STORED).is_file()
 

@@ -82,7 +82,7 @@ from llama import Llama, LlamaConfig  # noqa: E402
 
 import dora_jax  # noqa: E402
 from dora_jax import train  # noqa: E402
-from dora_jax.checkpoint import AdapterCheckpoints, saved_steps  # noqa: E402
+from dora_jax.checkpoint import AdapterCheckpoints, check_run_folder  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 EOS = "<|endoftext|>"
@@ -847,15 +847,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and args.out is None:
-        parser.error("--resume continues the run saved in --out: give --out DIR.")
-    if args.out is not None and not args.resume:
-        found = Path(args.out, "checkpoints")
-        if saved_steps(found):
-            parser.error(
-                f"{found} holds checkpoints of an earlier run: pass --resume to continue "
-                "it, or choose another --out."
-            )
+    try:
+        check_run_folder(None if args.out is None else Path(args.out, "checkpoints"), args.resume)
+    except ValueError as error:
+        parser.error(f"--out, --resume: {error}")
     if args.merged and args.out is None:
         parser.error("--merged writes OUT/merged/: give --out DIR.")
     if args.merged and args.distributed:

@@ -56,7 +56,7 @@ from bert import Bert, BertConfig, load_minilm, mean_pool, minilm_path  # noqa: 
 import dora_jax  # noqa: E402
 from dora_jax import peft as dora_peft  # noqa: E402
 from dora_jax import train  # noqa: E402
-from dora_jax.checkpoint import AdapterCheckpoints, saved_steps  # noqa: E402
+from dora_jax.checkpoint import AdapterCheckpoints, check_run_folder  # noqa: E402
 
 PACKAGES = ("asyncio", "email", "logging", "xml")
 # A quantised base (--base-qtype) has one scale per 64 input weights of each output
@@ -207,15 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and args.out is None:
-        parser.error("--resume continues the run saved in --out: give --out DIR.")
-    if args.out is not None and not args.resume:
-        found = Path(args.out, "checkpoints")
-        if saved_steps(found):
-            parser.error(
-                f"{found} holds checkpoints of an earlier run: pass --resume to continue "
-                "it, or choose another --out."
-            )
+    try:
+        check_run_folder(None if args.out is None else Path(args.out, "checkpoints"), args.resume)
+    except ValueError as error:
+        parser.error(f"--out, --resume: {error}")
     if args.base_qtype != "float" and args.method == "full":
         parser.error("--base-qtype quantises a frozen base: use it with --method dora or lora.")
     if args.lr is None:

@@ -153,6 +153,18 @@ def test_damaged_tree_metadata(tmp_path, capfd, fault):
     assert capfd.readouterr().err == ""
 
 
+def test_run_folder_check_refuses_a_fresh_start_over_saved_steps(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "3").mkdir()  # an incomplete step does not count
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(steps \[1, 2\]\)"):
+        ckpt.check_run_folder(tmp_path, resume=False)
+    with pytest.raises(ValueError, match="none given"):
+        ckpt.check_run_folder(None, resume=True)
+    ckpt.check_run_folder(tmp_path, resume=True)  # continuing it is what resume means
+    ckpt.check_run_folder(tmp_path / "absent", resume=False)
+    ckpt.check_run_folder(None, resume=False)
+
+
 def test_garbage_record_is_named(tmp_path, capfd):
     _saved(tmp_path)
     (tmp_path / "2" / "meta" / "dora_jax.json").write_text("{not json")

@@ -48,7 +48,7 @@ def test_minilm_finetune_saves_resumes_and_merges(tmp_path, capsys):
     # A used folder is refused without --resume, before any work.
     with pytest.raises(SystemExit):
         example.main(["--steps", "6", *args])
-    assert "pass --resume to continue" in capsys.readouterr().err
+    assert "--out, --resume: " in (err := capsys.readouterr().err) and "(steps [2, 4])" in err
     # Resumed: continues from the checkpoint of step 4 to step 6.
     example.main(["--steps", "6", *args, "--resume"])
     assert "resuming from step 4" in capsys.readouterr().out

@@ -275,6 +275,18 @@ def test_two_processes_equal_one_device(example, toy, whole):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_a_fresh_run_over_saved_checkpoints_is_refused(example, whole, capsys):
+    _, out = whole  # holds the checkpoints of steps 2 and 3
+    for argv, message in [
+        (["--out", str(out)], "holds checkpoints of an earlier run (steps [2, 3])"),
+        (["--resume"], "--out, --resume: resuming continues the run saved in a checkpoint"),
+    ]:
+        with pytest.raises(SystemExit):
+            example.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert example.parse_args(["--out", str(out), "--resume"]).resume
+
+
 def test_every_flag_has_help_and_bad_data_is_named(example, tmp_path):
     flags = [a for a in example.build_parser()._actions if a.dest != "help"]
     assert all(a.help for a in flags), [a.dest for a in flags if not a.help]
