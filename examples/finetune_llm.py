@@ -953,7 +953,7 @@ def main(argv=None) -> dict[str, Any]:
         wrt = nnx.LoRAParam
     graphdef, trainable, frozen = nnx.split(model, wrt, ...)
     # Replicated over the mesh (made from sharded kernels, a magnitude may be sharded).
-    trainable = jax.device_put(nnx.to_pure_dict(trainable), NamedSharding(mesh, P()))
+    trainable = place(nnx.to_pure_dict(trainable), NamedSharding(mesh, P()))
     frozen_sharding = frozen_shardings(frozen, mesh)
     frozen = place(frozen, frozen_sharding)
     say(

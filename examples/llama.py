@@ -417,9 +417,7 @@ def _attention_backward(scale, residuals, d_out):
     return d_q, d_k, d_v, None
 
 
-_attention_core.defvjp(
-    lambda q, k, v, bias, scale: _attention_forward(q, k, v, bias, scale), _attention_backward
-)
+_attention_core.defvjp(_attention_forward, _attention_backward)
 
 
 # --------------------------------------------------------------------------- modules
