@@ -165,6 +165,25 @@ def test_logits_and_greedy_generation_match_transformers(folders, case):
     np.testing.assert_array_equal(generated, expected)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_long_sequence_logits_match_transformers(folders, case):
+    """160 tokens run causal attention in 2 query blocks (with left padding, and
+    Mistral's window inside them): the logits still equal transformers'."""
+    if case not in folders:
+        pytest.skip(f"transformers has no {CASES[case][0]}")
+    torch_model, folder = folders[case]
+    model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
+    t = 160
+    assert min(llama.QUERY_BLOCKS, t // llama.MIN_BLOCK) == 2
+    ids = np.random.default_rng(1).integers(0, VOCAB, (2, t))
+    mask = np.ones((2, t), np.int64)
+    mask[1, :7] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    theirs = _torch_logits(torch_model, ids, mask, positions)
+    ours = _forward(model, jnp.asarray(ids), jnp.asarray(mask))
+    assert _relative(ours, theirs, mask.astype(bool)) < TOL
+
+
 def test_remat_and_bfloat16(folders):
     """remat=True recomputes the blocks in the backward pass; a bfloat16 load computes
     in bfloat16, close to float32."""
