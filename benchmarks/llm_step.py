@@ -5,12 +5,13 @@ shared with other jobs, where torch's threads suffer most: run it on a quiet mac
 
 The model is ``examples/llama.py`` at width 1024: 4 decoder layers, 16 attention heads of
 64 and 4 key-value heads (grouped-query attention, as Llama 3), SwiGLU MLP of 2816, an
-untied head over a vocabulary of 4096, float32; one sequence of 512 tokens. Adapters of
-rank 16 (alpha 16) sit on all seven projections (``q_proj``, ``k_proj``, ``v_proj``,
-``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``) of every layer. The loss is the
-causal-LM cross-entropy of the sequence on itself (Hugging Face's ``labels=input_ids``);
-one AdamW step (lr 1e-3, weight decay 1e-2) over the adapters only. Four variants, timed
-in one process in interleaved rounds:
+untied head over a vocabulary of 4096, float32 (``--dtype bfloat16``: the frozen base
+in bfloat16 on both sides, the adapters float32, PEFT's default); one sequence of 512
+tokens. Adapters of rank 16 (alpha 16) sit on all seven projections (``q_proj``,
+``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``) of every
+layer. The loss is the causal-LM cross-entropy of the sequence on itself (Hugging Face's
+``labels=input_ids``); one AdamW step (lr 1e-3, weight decay 1e-2) over the adapters
+only. Four variants, timed in one process in interleaved rounds:
 
 * ``jax-lora`` / ``jax-dora``: ``dora_jax.nnx.apply_dora`` on the NNX model
   (``use_dora=False`` / ``True``; DoRA with ``cache_base_norms``), one step of
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import math
 import os
@@ -141,19 +143,20 @@ def step_flops(shape: Shape, use_dora: bool, rank: int = RANK) -> float:
     return 2 * forward + adapters
 
 
-def matmul_rate(shape: Shape, repeats: int = 20) -> dict[str, float]:
+def matmul_rate(shape: Shape, dtype: str = "float32", repeats: int = 20) -> dict[str, float]:
     """GFLOP/s of the step's largest product (``tokens x width`` times ``width x
-    intermediate``, float32) in JAX and in torch on this machine: medians of
-    ``repeats`` calls. The faster of the two bounds any step here."""
+    intermediate``, in ``dtype``, summed in float32) in JAX and in torch on this
+    machine: medians of ``repeats`` calls. The faster of the two bounds any step here."""
     import torch
 
     rng = np.random.default_rng(0)
     lhs = rng.standard_normal((shape.tokens, shape.width), dtype=np.float32)
     rhs = rng.standard_normal((shape.width, shape.intermediate), dtype=np.float32)
     flops = 2 * lhs.shape[0] * lhs.shape[1] * rhs.shape[1]
-    product = jax.jit(jnp.matmul)
-    jax_args = (jnp.asarray(lhs), jnp.asarray(rhs))
-    torch_args = (torch.from_numpy(lhs), torch.from_numpy(rhs))
+    product = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
+    jax_args = (jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype))
+    torch_dtype = getattr(torch, dtype)
+    torch_args = (torch.from_numpy(lhs).to(torch_dtype), torch.from_numpy(rhs).to(torch_dtype))
     calls = {
         "jax": lambda: product(*jax_args).block_until_ready(),
         "torch": lambda: torch.matmul(*torch_args),
@@ -262,9 +265,10 @@ class TorchStep(harness.Timed):
         return loss.detach()
 
 
-def torch_twins(shape: Shape, seed: int, folder: Path):
-    """The transformers model (saved to ``folder/base``) and its PEFT LoRA and DoRA
-    models (adapters saved to ``folder/lora`` and ``folder/dora``), same weights."""
+def torch_twins(shape: Shape, seed: int, folder: Path, dtype: str = "float32"):
+    """The transformers model (saved to ``folder/base`` in float32, then in ``dtype``)
+    and its PEFT LoRA and DoRA models (float32 adapters saved to ``folder/lora`` and
+    ``folder/dora``), same weights."""
     import peft
     import torch
     import transformers
@@ -273,6 +277,7 @@ def torch_twins(shape: Shape, seed: int, folder: Path):
     fields = {k: v for k, v in shape.hf().items() if k != "model_type"}
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
     base.save_pretrained(folder / "base")
+    base = base.to(getattr(torch, dtype))  # PEFT keeps the adapters float32
     models = {}
     for kind in ("lora", "dora"):
         torch.manual_seed(seed + 1)  # the same A in both
@@ -294,16 +299,18 @@ def torch_twins(shape: Shape, seed: int, folder: Path):
 # ----- measurement ------------------------------------------------------------------------
 
 
-def measure(shape: Shape, rounds: int, steps: int, seed: int) -> dict[str, harness.Timed]:
+def measure(
+    shape: Shape, rounds: int, steps: int, seed: int, dtype: str = "float32"
+) -> dict[str, harness.Timed]:
     llama, hf_llm = load_examples()
     tokens = np.random.default_rng(seed).integers(0, shape.vocab, (shape.batch, shape.seq_len))
     runners: dict[str, harness.Timed] = {}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        twins = torch_twins(shape, seed, folder)
+        twins = torch_twins(shape, seed, folder, dtype)
         for kind in ("lora", "dora"):
             runners[f"peft-{kind}"] = TorchStep(f"peft-{kind}", twins[kind], tokens)
-            model, _ = hf_llm.load_pretrained(folder / "base", dtype=jnp.float32)
+            model, _ = hf_llm.load_pretrained(folder / "base", dtype=jnp.dtype(dtype))
             hf_llm.load_adapter(model, folder / kind)  # PEFT's own adapters
             if kind == "dora":
                 dora_jax.nnx.cache_base_norms(model)
@@ -315,17 +322,17 @@ def measure(shape: Shape, rounds: int, steps: int, seed: int) -> dict[str, harne
         print(f"  compiled {name} in {runners[name].compile_s:.1f} s", flush=True)
     for runner in runners.values():
         runner.run(1, record=False)
-    check_first_losses(runners)
+    check_first_losses(runners, 1e-4 if dtype == "float32" else 1e-3)
     harness.interleave(list(runners.values()), rounds, steps, warmup=1)
     return runners
 
 
-def check_first_losses(runners) -> None:
+def check_first_losses(runners, tolerance: float) -> None:
     notes = []
     for kind in ("lora", "dora"):
         mine, theirs = runners[f"jax-{kind}"].first_loss, float(runners[f"peft-{kind}"].first_loss)
         error = abs(mine - theirs) / abs(theirs)
-        if not error <= 1e-4:
+        if not error <= tolerance:
             raise AssertionError(f"first-step loss of {kind}: dora-jax {mine}, PEFT {theirs}")
         notes.append(f"{kind} {theirs:.5f} (rel. diff {error:.1e})")
     print("  first-step losses agree with PEFT's: " + ", ".join(notes), flush=True)
@@ -368,6 +375,12 @@ def main(argv=None) -> int:
         "--torch-threads": (int, 0, "torch.set_num_threads (0: the CPUs available)"),
         "--markdown": (str, None, "also write the table to this file"),
     }
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the frozen base's dtype on both sides; adapters stay float32 (%(default)s)",
+    )
     for flag, (kind, default, text) in options.items():
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (%(default)s)")
     args = parser.parse_args(argv)
@@ -379,13 +392,13 @@ def main(argv=None) -> int:
     print(harness.banner("jax", "flax", "optax", "torch", "transformers", "peft", load=True))
     print(
         f"{CPU_SHAPE.describe()}; rank {RANK}, alpha {ALPHA} on {', '.join(TARGETS)}; "
-        f"float32, AdamW; torch threads {torch.get_num_threads()}; {args.rounds} rounds x "
-        f"{args.steps} steps per variant",
+        f"{args.dtype} base, float32 adapters, AdamW; torch threads "
+        f"{torch.get_num_threads()}; {args.rounds} rounds x {args.steps} steps per variant",
         flush=True,
     )
     start = time.perf_counter()
-    runners = measure(CPU_SHAPE, args.rounds, args.steps, args.seed)
-    rates = matmul_rate(CPU_SHAPE)
+    runners = measure(CPU_SHAPE, args.rounds, args.steps, args.seed, args.dtype)
+    rates = matmul_rate(CPU_SHAPE, args.dtype)
     table = report(runners)
     dora_lora = harness.paired_ratio(runners["jax-dora"], runners["jax-lora"])
     versus = harness.paired_ratio(runners["peft-dora"], runners["jax-dora"])
@@ -395,7 +408,7 @@ def main(argv=None) -> int:
     floor_ms = step_flops(CPU_SHAPE, use_dora=True) / peak / 1e6
     print(
         f"\nmatmul rate ({CPU_SHAPE.tokens} x {CPU_SHAPE.width} @ {CPU_SHAPE.width} x "
-        f"{CPU_SHAPE.intermediate}, float32): "
+        f"{CPU_SHAPE.intermediate}, {args.dtype}): "
         + ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in rates.items())
         + f"; the DoRA step's {step_flops(CPU_SHAPE, use_dora=True) / 1e9:.1f} GFLOP of "
         f"products alone take {floor_ms:.0f} ms at the faster rate, so no step here beats "

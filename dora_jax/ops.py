@@ -27,6 +27,9 @@ Three facts keep DoRA as cheap as LoRA:
   not arguments): XLA then computes ``x @ W0`` at compile time, as it does for LoRA.
   When to stack is the :class:`Stacking` argument of :func:`adapter_forward`; its
   default reads :data:`DEFAULT_STACK_ROWS_PER_OUTPUT` for the backend.
+
+On the CPU, the bfloat16 products of Dense layers (forward and gradients) are summed in
+float32 explicitly (:func:`accumulated_product`): the same numbers, at XLA's bfloat16 rate.
 """
 
 from __future__ import annotations
@@ -503,9 +506,11 @@ def adapter_forward(
       to_output: reshapes ``(*batch, *out)`` values to broadcast against the output.
       layout, scale: the kernel's :class:`Layout` and the LoRA scaling.
       apply_lora_a: ``(x, A) -> x @ A`` when ``A`` needs another map than ``W0``.
-      dense_like: the map contracts ``x``'s last axis with a kernel ``(in, out)``, so
-        ``x @ W0`` and ``A^T W0`` may share one read of ``W0`` (:func:`kernel_products`)
-        when ``stacking`` says so.
+      dense_like: the map is Flax's plain product of ``x``'s last axis with a kernel
+        ``(in, out)`` (default ``dot_general`` and ``promote_dtype``), so ``x @ W0`` and
+        ``A^T W0`` may share one read of ``W0`` (:func:`kernel_products`) when
+        ``stacking`` says so, and on the CPU its bfloat16 products run as
+        :func:`accumulated_product` (reverse-mode differentiable only).
       x_dropped: the dropped-out input in training with dropout, else ``None``.
       detach_norm: constant-C gradient (default) or the exact gradient.
       base_norm_sq: cached ``||W0||_c^2`` (see :func:`column_norm_sq`).
@@ -525,6 +530,9 @@ def adapter_forward(
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         x_dropped = None if x_dropped is None else x_dropped.reshape(x.shape)
+    if dense_like and jax.default_backend() == "cpu":
+        apply_kernel = _accumulating(apply_kernel)
+        apply_lora_b = _accumulating(apply_lora_b)
     a_t_w = None
     if (
         magnitude is not None
@@ -613,6 +621,49 @@ def _kernel_products_bwd(apply_kernel, residuals, cotangents):
 
 
 kernel_products.defvjp(_kernel_products_fwd, _kernel_products_bwd)
+
+
+def _accumulating(apply: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
+    """A Dense-like map whose bfloat16 products are :func:`accumulated_product`.
+
+    XLA's CPU backend multiplies bfloat16 at its bfloat16 rate (about twice float32's where
+    the CPU has bfloat16 dot instructions) only when the product is asked for float32
+    output; a bfloat16 product, and the mixed float32 x bfloat16 one JAX's gradient of
+    ``preferred_element_type`` makes, are converted to float32 first. Products the layer
+    computes in another dtype keep the layer's own map.
+    """
+
+    def product(x: Array, k: Array) -> Array:
+        if k.ndim != 2 or jax.eval_shape(apply, x, k).dtype != jnp.bfloat16:
+            return apply(x, k)
+        return accumulated_product(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+
+    return product
+
+
+@jax.custom_vjp
+def accumulated_product(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` of bfloat16 ``x (..., in)`` and ``kernel (in, out)``, summed in
+    float32 and rounded once to bfloat16, the numbers of XLA's bfloat16 product; so are
+    the gradients ``dy @ kernel^T`` and ``x^T @ dy``, from a bfloat16 ``dy``."""
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _accumulated_product_fwd(x, kernel):
+    return accumulated_product(x, kernel), (x, kernel)
+
+
+def _accumulated_product_bwd(residuals, dy):
+    x, kernel = residuals
+    dy = dy.astype(x.dtype)
+    last = (((dy.ndim - 1,), (1,)), ((), ()))
+    d_x = jax.lax.dot_general(dy, kernel, last, preferred_element_type=jnp.float32)
+    rows, d_rows = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    d_kernel = jnp.dot(rows.T, d_rows, preferred_element_type=jnp.float32)
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+accumulated_product.defvjp(_accumulated_product_fwd, _accumulated_product_bwd)
 
 
 def embed_attend(

@@ -49,8 +49,11 @@ def dense_call(module: nn.Dense, inputs: Array, adapter: BoundAdapter) -> Array:
         ops.dense_layout(),
         kernel_map(nn.Dense, module, 1),
         rank_map(module),
-        # A custom dot_general (say, quantised) sees x alone, never x stacked with A^T.
-        dense_like=module.dot_general is None and module.dot_general_cls is None,
+        # A custom product (say, quantised) sees x alone, never x stacked with A^T, and
+        # is never replaced by ops' own product.
+        dense_like=module.dot_general is None
+        and module.dot_general_cls is None
+        and module.promote_dtype is nn.Dense.promote_dtype,
     )
     return _add_bias(y, bias)
 

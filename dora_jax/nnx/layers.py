@@ -350,7 +350,9 @@ def _constrain(y: Array, out_sharding) -> Array:
     return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
 
-_DEFAULT_DOT_GENERAL = inspect.signature(nnx.Linear.__init__).parameters["dot_general"].default
+_LINEAR_DEFAULTS = inspect.signature(nnx.Linear.__init__).parameters
+_DEFAULT_DOT_GENERAL = _LINEAR_DEFAULTS["dot_general"].default
+_DEFAULT_PROMOTE_DTYPE = _LINEAR_DEFAULTS["promote_dtype"].default
 
 
 class DoRALinear(DoRALayer, nnx.Linear):
@@ -373,8 +375,12 @@ class DoRALinear(DoRALayer, nnx.Linear):
         self, inputs: Array, *, deterministic: bool | None = None, out_sharding=None
     ) -> Array:
         apply = self._through_layer()
-        # A custom dot_general (say, quantised) sees x alone, never x stacked with A^T.
-        dense_like = self.dot_general is _DEFAULT_DOT_GENERAL
+        # A custom product (say, quantised) sees x alone, never x stacked with A^T, and
+        # is never replaced by ops' own product.
+        dense_like = (
+            self.dot_general is _DEFAULT_DOT_GENERAL
+            and self.promote_dtype is _DEFAULT_PROMOTE_DTYPE
+        )
         y = self._adapt(inputs, deterministic, apply, apply, dense_like=dense_like)
         return _constrain(_add_bias(y, self.bias), out_sharding)
 

@@ -1,0 +1,210 @@
+"""bfloat16 Dense products on the CPU: summed in float32 explicitly, the same numbers.
+
+XLA's CPU backend multiplies two bfloat16 operands at its bfloat16 rate only when the
+product is asked for float32 output; a bfloat16 product, and the mixed float32 x bfloat16
+one that JAX's gradient of ``preferred_element_type`` produces, are converted to float32
+first. So on the CPU a Dense layer's bfloat16 products (``x @ W0``, ``x @ A``,
+``(xA) @ B`` and their gradients) run as :func:`dora_jax.ops.accumulated_product`.
+Checked: its values and gradients against float64 (one rounding to bfloat16), the
+programs of both front ends (every product of a bfloat16 step has bfloat16 operands and
+float32 accumulation), the adapted layer against the float64 reference, and the layers
+that keep their own map (float32, a float32 ``preferred_element_type``, a custom
+``promote_dtype``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+from flax import nnx
+
+import dora_jax
+from dora_jax import nnx as dora_nnx
+from dora_jax import ops
+
+BF16_EPS = 2.0**-8  # half a bfloat16 ulp, relative: one rounding
+
+
+def _bf16(shape, key) -> jax.Array:
+    return jax.random.normal(jax.random.key(key), shape).astype(jnp.bfloat16)
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def _assert_one_rounding(actual, exact: np.ndarray):
+    """``actual`` is ``exact`` rounded once to bfloat16 (up to float32 summation)."""
+    assert actual.dtype == jnp.bfloat16
+    error = np.abs(_f64(actual) - exact)
+    assert np.all(error <= BF16_EPS * np.abs(exact) + 1e-5 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("lead", [(7,), (2, 5), ()], ids=["rows", "batch-tokens", "vector"])
+def test_product_and_gradients_are_float64_rounded_once(jit, lead):
+    x, kernel, dy = _bf16((*lead, 40), 0), _bf16((40, 24), 1), _bf16((*lead, 24), 2)
+    product = jax.jit(ops.accumulated_product) if jit else ops.accumulated_product
+    y, vjp = jax.vjp(product, x, kernel)
+    d_x, d_kernel = vjp(dy)
+    xs, ks, dys = _f64(x), _f64(kernel), _f64(dy)
+    _assert_one_rounding(y, xs @ ks)
+    _assert_one_rounding(d_x, dys @ ks.T)
+    rows, d_rows = xs.reshape(-1, 40), dys.reshape(-1, 24)
+    _assert_one_rounding(d_kernel, rows.T @ d_rows)
+    # XLA's own bfloat16 product gives the same numbers (to float32 summation order).
+    plain = jnp.dot(x, kernel)
+    assert np.max(np.abs(_f64(plain) - _f64(y))) <= 2 * BF16_EPS * np.abs(_f64(plain)).max()
+
+
+def _dots(jaxpr) -> list:
+    """Every ``dot_general`` equation of ``jaxpr``, nested calls and custom rules included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dots(inner)
+    return found
+
+
+def _check_accumulated(fn, *args):
+    """Every product of ``fn``'s program (forward and backward) with a bfloat16 operand
+    multiplies two bfloat16 operands into float32: none is bfloat16 out, none mixes
+    dtypes (products of the float32 adapters alone, as the norm's ``A^T A``, may be)."""
+    hlo = jax.jit(fn).lower(*args).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    low = [line for line in dots if "bf16" in line.rsplit(":", 1)[-1]]
+    assert len(low) >= 4  # x @ W0 (maybe with A^T), x @ A, (xA) @ B, dy @ W0^T ...
+    for line in low:
+        operands, result = line.rsplit(":", 1)[-1].split("->")
+        assert operands.count("bf16") == 2 and "f32" not in operands, line
+        assert "xf32>" in result, line
+
+
+def _linen_case(stack: bool, shape):
+    stacking = ops.Stacking(rows_per_output=np.inf if stack else 0.0)
+    layer = dora_jax.DoRADense(
+        24, rank=4, alpha=8.0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, stacking=stacking
+    )
+    x = _bf16((*shape, 40), 3)
+    variables = layer.init(jax.random.key(4), x)
+    params = variables["params"]
+    dora = {
+        "lora_a": jax.random.normal(jax.random.key(5), (40, 4)) * 0.2,
+        "lora_b": jax.random.normal(jax.random.key(6), (4, 24)) * 0.2,
+        "magnitude": variables["dora"]["magnitude"].astype(jnp.float32) * 1.1,
+    }
+
+    def output(dora, x):
+        return layer.apply({"params": params, "dora": dora}, x)
+
+    return output, dora, x, params["kernel"], params["bias"], layer.scale
+
+
+class Net(nnx.Module):
+    def __init__(self, **kwargs):
+        self.fc = nnx.Linear(40, 24, rngs=nnx.Rngs(0), **kwargs)
+
+    def __call__(self, x):
+        return self.fc(x)
+
+
+def _nnx_case(stack: bool, shape, **linear_kwargs):
+    kwargs = {"dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16, **linear_kwargs}
+    model = Net(**kwargs)
+    stacking = ops.Stacking(rows_per_output=np.inf if stack else 0.0)
+    model.fc = dora_nnx.DoRALinear.from_module(
+        model.fc, rank=4, alpha=8.0, stacking=stacking, rngs=nnx.Rngs(1)
+    )
+    fc = model.fc
+    fc.lora_b.set_value(0.2 * jax.random.normal(jax.random.key(6), fc.lora_b.shape))
+    fc.magnitude.set_value(fc.magnitude[...] * 1.1)
+    graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+
+    def output(adapters, x):
+        return nnx.merge(graphdef, adapters, frozen)(x)
+
+    dora = {"lora_a": fc.lora_a[...], "lora_b": fc.lora_b[...], "magnitude": fc.magnitude[...]}
+    return output, adapters, _bf16((*shape, 40), 3), fc.kernel[...], fc.bias[...], fc.scale, dora
+
+
+@pytest.mark.parametrize("front_end", ["linen", "nnx"])
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "plain"])
+@pytest.mark.parametrize("shape", [(6,), (2, 3)], ids=["rows", "batch-tokens"])
+def test_bfloat16_layer_products_are_accumulated_and_match_float64(front_end, stack, shape):
+    if front_end == "linen":
+        output, adapters, x, kernel, bias, scale = _linen_case(stack, shape)
+        dora = adapters
+    else:
+        output, adapters, x, kernel, bias, scale, dora = _nnx_case(stack, shape)
+    cotangent = jax.random.normal(jax.random.key(7), (*shape, 24))
+
+    def loss(adapters, x):
+        y = output(adapters, x)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    _check_accumulated(jax.grad(lambda a, x: loss(a, x)[0], argnums=(0, 1)), adapters, x)
+    (_, y), (grads, d_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        adapters, x
+    )
+    assert y.dtype == jnp.bfloat16 and d_x.dtype == jnp.bfloat16
+    w0, a, b, m = (_f64(v) for v in (kernel, dora["lora_a"], dora["lora_b"], dora["magnitude"]))
+    rows = _f64(x).reshape(-1, 40)
+    merged = reference.merged_weight(w0, a, b, m, scale)
+    expected = reference.linear_forward(rows, merged, _f64(bias)).reshape(*shape, 24)
+    assert reference.relative_error(y, expected) <= 2e-2
+    d_rows = np.asarray(cotangent, np.float64).reshape(-1, 24)
+    assert reference.relative_error(d_x, (d_rows @ merged.T).reshape(x.shape)) <= 2e-2
+    expected_grads = reference.adapter_gradients(
+        w0, a, b, m, scale, reference.weight_gradient(rows, d_rows), detach_norm=True
+    )
+    if front_end == "nnx":
+        grads = jax.tree.map(lambda v: v[...], grads.fc)
+    for name in ("lora_a", "lora_b", "magnitude"):
+        assert grads[name].dtype == jnp.float32
+        assert reference.relative_error(grads[name], expected_grads[name]) <= 3e-2, name
+
+
+def _has_accumulated_product(fn, *args) -> bool:
+    return "accumulated_product" in str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize(
+    "linear_kwargs, dtype",
+    [
+        ({"dtype": jnp.float32, "param_dtype": jnp.float32}, jnp.float32),
+        ({"preferred_element_type": jnp.float32}, jnp.float32),
+        (
+            {
+                "promote_dtype": lambda args, dtype, inexact=True: nnx.nn.dtypes.promote_dtype(
+                    args, dtype=dtype, inexact=inexact
+                )
+            },
+            jnp.bfloat16,
+        ),
+    ],
+    ids=["float32-layer", "float32-output", "custom-promote-dtype"],
+)
+def test_layers_with_their_own_product_keep_it(linear_kwargs, dtype):
+    output, adapters, x, *_ = _nnx_case(False, (6,), **linear_kwargs)
+    assert not _has_accumulated_product(jax.grad(lambda a: jnp.sum(output(a, x))), adapters)
+    assert output(adapters, x).dtype == dtype
+
+
+def test_bfloat16_layer_uses_it():
+    output, adapters, x, *_ = _nnx_case(False, (6,))
+    assert _has_accumulated_product(lambda a: output(a, x), adapters)
+    output, dora, x, *_ = _linen_case(False, (6,))
+    assert _has_accumulated_product(lambda a: output(a, x), dora)
+    dense = nn.Dense(5)  # a plain Flax layer is untouched
+    assert not _has_accumulated_product(
+        lambda v: dense.apply(v, x), dense.init(jax.random.key(0), x)
+    )
