@@ -400,7 +400,7 @@ def _attention_forward(q, k, v, bias, scale):
     scores = scores * scale + bias
     exp = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)
+    out = _summed("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)
     return out, (q, k, v, probs, out)
 
 
@@ -408,13 +408,19 @@ def _attention_backward(scale, residuals, d_out):
     # The softmax gradient from the saved probabilities, p * (dp - rowsum(do * o)): one
     # pass over the scores where autodiff of the forward takes several.
     q, k, v, probs, out = residuals
-    d_v = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(v.dtype), d_out)
+    d_v = _summed("bkgts,bkgtd->bksd", probs.astype(v.dtype), d_out)
     d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=jnp.float32)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs * (d_probs - row) * scale).astype(q.dtype)
-    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k)
-    d_k = jnp.einsum("bkgts,bkgtd->bksd", d_scores, q)
+    d_q = _summed("bkgts,bksd->bkgtd", d_scores, k)
+    d_k = _summed("bkgts,bkgtd->bksd", d_scores, q)
     return d_q, d_k, d_v, None
+
+
+def _summed(equation: str, a: Array, b: Array) -> Array:
+    """``einsum`` summed in float32, in the operands' dtype: XLA's CPU backend multiplies
+    bfloat16 at its bfloat16 rate only when asked for float32 output."""
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 _attention_core.defvjp(_attention_forward, _attention_backward)
