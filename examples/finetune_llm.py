@@ -743,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of "
         "the frozen base and its computation (adapters stay float32); auto: bfloat16 on "
-        "accelerators, float32 on the CPU, where bfloat16 matmuls are emulated",
+        "accelerators, float32 on the CPU (bfloat16 is faster there only on CPUs with "
+        "bfloat16 dot instructions, such as AVX512-BF16 or AMX, and rounds more)",
     )
     add(
         "--remat",
