@@ -137,9 +137,12 @@ def _nnx_case(stack: bool, shape, **linear_kwargs):
 
 
 @pytest.mark.parametrize("front_end", ["linen", "nnx"])
-@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "plain"])
-@pytest.mark.parametrize("shape", [(6,), (2, 3)], ids=["rows", "batch-tokens"])
-def test_bfloat16_layer_products_are_accumulated_and_match_float64(front_end, stack, shape):
+@pytest.mark.parametrize(
+    "stack, shape, jit",
+    [(True, (6,), True), (False, (6,), True), (True, (2, 3), False), (False, (2, 3), True)],
+    ids=["stacked-rows", "plain-rows", "stacked-batch-tokens-eager", "plain-batch-tokens"],
+)
+def test_bfloat16_layer_products_are_accumulated_and_match_float64(front_end, stack, shape, jit):
     if front_end == "linen":
         output, adapters, x, kernel, bias, scale = _linen_case(stack, shape)
         dora = adapters
@@ -152,9 +155,8 @@ def test_bfloat16_layer_products_are_accumulated_and_match_float64(front_end, st
         return jnp.sum(y.astype(jnp.float32) * cotangent), y
 
     _check_accumulated(jax.grad(lambda a, x: loss(a, x)[0], argnums=(0, 1)), adapters, x)
-    (_, y), (grads, d_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-        adapters, x
-    )
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (_, y), (grads, d_x) = (jax.jit(value_and_grad) if jit else value_and_grad)(adapters, x)
     assert y.dtype == jnp.bfloat16 and d_x.dtype == jnp.bfloat16
     w0, a, b, m = (_f64(v) for v in (kernel, dora["lora_a"], dora["lora_b"], dora["magnitude"]))
     rows = _f64(x).reshape(-1, 40)
@@ -208,3 +210,14 @@ def test_bfloat16_layer_uses_it():
     assert not _has_accumulated_product(
         lambda v: dense.apply(v, x), dense.init(jax.random.key(0), x)
     )
+
+
+def test_linen_layer_with_its_own_promote_dtype_keeps_it():
+    def promote(*args, dtype=None, inexact=True):
+        return nn.dtypes.promote_dtype(*args, dtype=dtype, inexact=inexact)
+
+    layer = dora_jax.DoRADense(24, rank=4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = _bf16((6, 40), 3)
+    for module, accumulated in ((layer, True), (layer.clone(promote_dtype=promote), False)):
+        variables = module.init(jax.random.key(0), x)
+        assert _has_accumulated_product(lambda v, m=module: m.apply(v, x), variables) is accumulated
