@@ -530,9 +530,9 @@ def adapter_forward(
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         x_dropped = None if x_dropped is None else x_dropped.reshape(x.shape)
-    if dense_like and jax.default_backend() == "cpu":
-        apply_kernel = _accumulating(apply_kernel)
-        apply_lora_b = _accumulating(apply_lora_b)
+    layer_map, accumulate = apply_kernel, dense_like and jax.default_backend() == "cpu"
+    if accumulate:
+        apply_kernel, apply_lora_b = _accumulating(layer_map), _accumulating(apply_lora_b)
     a_t_w = None
     if (
         magnitude is not None
@@ -542,7 +542,10 @@ def adapter_forward(
         # With the norm detached A gets no gradient through A^T W0: say so, or the
         # backward pass would multiply a zero cotangent by W0^T.
         a_for_norm = jax.lax.stop_gradient(lora_a) if detach_norm else lora_a
-        base_out, a_t_w = kernel_products(apply_kernel, x, a_for_norm, kernel)
+        # Accumulated, A^T W0 keeps its float32 sums, as unstacked; x @ W0 is rounded.
+        stacked = _accumulating(layer_map, rounded=False) if accumulate else apply_kernel
+        base_out, a_t_w = kernel_products(stacked, x, a_for_norm, kernel)
+        base_out = base_out.astype(jax.eval_shape(apply_kernel, x, kernel).dtype)
     else:
         base_out = apply_kernel(x, kernel)
     xd = x if x_dropped is None else x_dropped
@@ -582,10 +585,8 @@ def _stacking_pays(
         # make it depend on A and cost the product in every step.
         return False
     rows = math.prod(x.shape[:-1])
-    # The stacked product runs in the layer's own dtype: with a bfloat16 layer A^T W0 is
-    # rounded to bfloat16 (the unstacked path accumulates it to float32), far finer than
-    # the bfloat16 W' PEFT takes the norm of, and the only way XLA's CPU backend
-    # multiplies the r rows of A^T without first converting all of W0 to float32.
+    # The stacked product runs in the layer's own dtype; with a bfloat16 layer on the CPU
+    # (accumulated products) A^T W0 keeps its float32 sums, as on the unstacked path.
     return x.dtype == kernel.dtype and rows <= stacking.limit() * kernel.shape[-1]
 
 
@@ -615,16 +616,19 @@ def _kernel_products_bwd(apply_kernel, residuals, cotangents):
     d_base, d_a_t_w = cotangents
     _, base_vjp = jax.vjp(apply_kernel, x, kernel)
     d_x, d_kernel = base_vjp(d_base)
-    _, a_t_w_vjp = jax.vjp(apply_kernel, lora_a.T.astype(x.dtype), kernel)
-    d_a_t, d_kernel_a = a_t_w_vjp(d_a_t_w.astype(x.dtype))
+    a_t_w, a_t_w_vjp = jax.vjp(apply_kernel, lora_a.T.astype(x.dtype), kernel)
+    d_a_t, d_kernel_a = a_t_w_vjp(d_a_t_w.astype(a_t_w.dtype))
     return d_x, d_a_t.T.astype(lora_a.dtype), d_kernel + d_kernel_a
 
 
 kernel_products.defvjp(_kernel_products_fwd, _kernel_products_bwd)
 
 
-def _accumulating(apply: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
-    """A Dense-like map whose bfloat16 products are :func:`accumulated_product`.
+def _accumulating(
+    apply: Callable[[Array, Array], Array], *, rounded: bool = True
+) -> Callable[[Array, Array], Array]:
+    """A Dense-like map whose bfloat16 products are :func:`accumulated_product`, rounded
+    to bfloat16 as the layer's own (or, ``rounded=False``, their float32 sums).
 
     XLA's CPU backend multiplies bfloat16 at its bfloat16 rate (about twice float32's where
     the CPU has bfloat16 dot instructions) only when the product is asked for float32
@@ -636,7 +640,8 @@ def _accumulating(apply: Callable[[Array, Array], Array]) -> Callable[[Array, Ar
     def product(x: Array, k: Array) -> Array:
         if k.ndim != 2 or jax.eval_shape(apply, x, k).dtype != jnp.bfloat16:
             return apply(x, k)
-        return accumulated_product(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+        total = accumulated_product(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+        return total.astype(jnp.bfloat16) if rounded else total
 
     return product
 
@@ -644,9 +649,10 @@ def _accumulating(apply: Callable[[Array, Array], Array]) -> Callable[[Array, Ar
 @jax.custom_vjp
 def accumulated_product(x: Array, kernel: Array) -> Array:
     """``x @ kernel`` of bfloat16 ``x (..., in)`` and ``kernel (in, out)``, summed in
-    float32 and rounded once to bfloat16, the numbers of XLA's bfloat16 product; so are
-    the gradients ``dy @ kernel^T`` and ``x^T @ dy``, from a bfloat16 ``dy``."""
-    return jnp.dot(x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+    float32: rounded to bfloat16, the numbers of XLA's bfloat16 product. The gradients
+    ``dy @ kernel^T`` and ``x^T @ dy`` are such products too (bfloat16, from ``dy``
+    rounded to bfloat16: exact when ``dy`` is the gradient of the rounded product)."""
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
 
 
 def _accumulated_product_fwd(x, kernel):

@@ -48,15 +48,22 @@ def _assert_one_rounding(actual, exact: np.ndarray):
 @pytest.mark.parametrize("lead", [(7,), (2, 5), ()], ids=["rows", "batch-tokens", "vector"])
 def test_product_and_gradients_are_float64_rounded_once(jit, lead):
     x, kernel, dy = _bf16((*lead, 40), 0), _bf16((40, 24), 1), _bf16((*lead, 24), 2)
-    product = jax.jit(ops.accumulated_product) if jit else ops.accumulated_product
-    y, vjp = jax.vjp(product, x, kernel)
-    d_x, d_kernel = vjp(dy)
     xs, ks, dys = _f64(x), _f64(kernel), _f64(dy)
+    total = (jax.jit(ops.accumulated_product) if jit else ops.accumulated_product)(x, kernel)
+    assert total.dtype == jnp.float32  # the float32 sums
+    assert reference.relative_error(total, xs @ ks) <= 1e-6
+
+    def rounded(x, kernel):
+        return ops.accumulated_product(x, kernel).astype(jnp.bfloat16)
+
+    y, vjp = jax.vjp(jax.jit(rounded) if jit else rounded, x, kernel)
+    d_x, d_kernel = vjp(dy)
     _assert_one_rounding(y, xs @ ks)
     _assert_one_rounding(d_x, dys @ ks.T)
     rows, d_rows = xs.reshape(-1, 40), dys.reshape(-1, 24)
     _assert_one_rounding(d_kernel, rows.T @ d_rows)
     # XLA's own bfloat16 product gives the same numbers (to float32 summation order).
+    assert d_x.dtype == x.dtype and d_kernel.dtype == kernel.dtype
     plain = jnp.dot(x, kernel)
     assert np.max(np.abs(_f64(plain) - _f64(y))) <= 2 * BF16_EPS * np.abs(_f64(plain)).max()
 
@@ -221,3 +228,43 @@ def test_linen_layer_with_its_own_promote_dtype_keeps_it():
     for module, accumulated in ((layer, True), (layer.clone(promote_dtype=promote), False)):
         variables = module.init(jax.random.key(0), x)
         assert _has_accumulated_product(lambda v, m=module: m.apply(v, x), variables) is accumulated
+
+
+@pytest.mark.parametrize("tokens", [6, 20])
+def test_stacking_changes_speed_not_results_in_bfloat16(tokens):
+    """The stacked product keeps ``A^T W0``'s float32 sums, as the plain path does: a
+    stacked and a plain bfloat16 layer give the same outputs and gradients (to float32
+    summation order; rounding ``A^T W0`` to bfloat16 made them differ by ~3e-3)."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (tokens, 64)).astype(jnp.bfloat16)
+    cotangent = jax.random.normal(keys[4], (tokens, 48))
+    results = []
+    for rows_per_output in (np.inf, 0.0):
+        layer = dora_jax.DoRADense(
+            48,
+            rank=4,
+            alpha=8.0,
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+            stacking=ops.Stacking(rows_per_output=rows_per_output),
+        )
+        variables = layer.init(keys[1], x)
+        dora = {
+            "lora_a": jax.random.normal(keys[2], (64, 4)) * 0.3,
+            "lora_b": jax.random.normal(keys[3], (4, 48)) * 0.3,
+            "magnitude": variables["dora"]["magnitude"].astype(jnp.float32) * 1.1,
+        }
+
+        # x an argument: with x and W0 both closed over, nothing stacks.
+        def loss(dora, x, layer=layer, params=variables["params"]):
+            y = layer.apply({"params": params, "dora": dora}, x)
+            return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+        stacks = "kernel_products" in str(jax.make_jaxpr(loss)(dora, x))
+        assert stacks is (rows_per_output > 0)
+        results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(dora, x))
+    (_, stacked_y), stacked = results[0]
+    (_, plain_y), plain = results[1]
+    assert reference.relative_error(stacked_y, plain_y) <= 1e-6
+    for name in plain:
+        assert reference.relative_error(stacked[name], plain[name]) <= 1e-6, name
