@@ -638,8 +638,9 @@ def _accumulating(
     """
 
     def product(x: Array, k: Array) -> Array:
-        if k.ndim != 2 or jax.eval_shape(apply, x, k).dtype != jnp.bfloat16:
-            return apply(x, k)
+        own = apply(x, k)  # unused (and removed from the program) when replaced
+        if k.ndim != 2 or own.dtype != jnp.bfloat16:
+            return own
         total = accumulated_product(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
         return total.astype(jnp.bfloat16) if rounded else total
 
