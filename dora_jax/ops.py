@@ -521,8 +521,8 @@ def adapter_forward(
     Returns:
       ``y - bias`` of the adapted layer (see :func:`adapted_layer_output`).
     """
-    lead = None
-    if dense_like and x.ndim > 2 and jax.default_backend() == "cpu":
+    lead, on_cpu = None, dense_like and jax.default_backend() == "cpu"
+    if on_cpu and x.ndim > 2:
         # One row per token (a free reshape). Over (batch, tokens) XLA's CPU backend
         # copies dy transposed for B's gradient, and with one sequence reduces the
         # magnitude's gradient over a middle axis, ten times slower than over rows.
@@ -530,8 +530,8 @@ def adapter_forward(
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         x_dropped = None if x_dropped is None else x_dropped.reshape(x.shape)
-    layer_map, accumulate = apply_kernel, dense_like and jax.default_backend() == "cpu"
-    if accumulate:
+    layer_map = apply_kernel
+    if on_cpu:
         apply_kernel, apply_lora_b = _accumulating(layer_map), _accumulating(apply_lora_b)
     a_t_w = None
     if (
@@ -542,10 +542,11 @@ def adapter_forward(
         # With the norm detached A gets no gradient through A^T W0: say so, or the
         # backward pass would multiply a zero cotangent by W0^T.
         a_for_norm = jax.lax.stop_gradient(lora_a) if detach_norm else lora_a
-        # Accumulated, A^T W0 keeps its float32 sums, as unstacked; x @ W0 is rounded.
-        stacked = _accumulating(layer_map, rounded=False) if accumulate else apply_kernel
+        # On the CPU A^T W0 keeps its float32 sums, as unstacked; x @ W0 is rounded.
+        stacked = _accumulating(layer_map, rounded=False) if on_cpu else apply_kernel
         base_out, a_t_w = kernel_products(stacked, x, a_for_norm, kernel)
-        base_out = base_out.astype(jax.eval_shape(apply_kernel, x, kernel).dtype)
+        if on_cpu:
+            base_out = base_out.astype(jax.eval_shape(layer_map, x, kernel).dtype)
     else:
         base_out = apply_kernel(x, kernel)
     xd = x if x_dropped is None else x_dropped
@@ -639,7 +640,7 @@ def _accumulating(
 
     def product(x: Array, k: Array) -> Array:
         own = apply(x, k)  # unused (and removed from the program) when replaced
-        if k.ndim != 2 or own.dtype != jnp.bfloat16:
+        if own.dtype != jnp.bfloat16:
             return own
         total = accumulated_product(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
         return total.astype(jnp.bfloat16) if rounded else total
