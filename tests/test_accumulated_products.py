@@ -62,24 +62,10 @@ def test_product_and_gradients_are_float64_rounded_once(jit, lead):
     _assert_one_rounding(d_x, dys @ ks.T)
     rows, d_rows = xs.reshape(-1, 40), dys.reshape(-1, 24)
     _assert_one_rounding(d_kernel, rows.T @ d_rows)
-    # XLA's own bfloat16 product gives the same numbers (to float32 summation order).
     assert d_x.dtype == x.dtype and d_kernel.dtype == kernel.dtype
+    # XLA's own bfloat16 product gives the same numbers (to float32 summation order).
     plain = jnp.dot(x, kernel)
     assert np.max(np.abs(_f64(plain) - _f64(y))) <= 2 * BF16_EPS * np.abs(_f64(plain)).max()
-
-
-def _dots(jaxpr) -> list:
-    """Every ``dot_general`` equation of ``jaxpr``, nested calls and custom rules included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(eqn)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _dots(inner)
-    return found
 
 
 def _check_accumulated(fn, *args):
