@@ -338,13 +338,37 @@ def rotary(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
     return jnp.cos(angles), jnp.sin(angles)
 
 
+@jax.custom_vjp
 def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate ``x [B, T, heads, head_dim]`` in the ``rotate_half`` layout (float32 math)."""
+    """Rotate ``x [B, T, heads, head_dim]`` in the ``rotate_half`` layout (float32 math).
+
+    Its gradient (for ``x``; none for the tables) is the rotation by the opposite angle,
+    so reverse mode only (``jax.jvp`` raises).
+    """
+    return _rotated(x, cos, sin)
+
+
+def _rotated(x, cos, sin):
     half = x.shape[-1] // 2
     xf = x.astype(jnp.float32)
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return out.astype(x.dtype)
+
+
+def _rotary_forward(x, cos, sin):
+    return _rotated(x, cos, sin), (cos, sin)
+
+
+def _rotary_backward(tables, d_out):
+    # A rotation's transpose is its inverse: one pass like the forward, where autodiff
+    # of the concatenation pads and adds the halves (and XLA re-evaluates cos and sin in
+    # every fused use of the tables).
+    cos, sin = tables
+    return _rotated(d_out, cos, -sin), None, None
+
+
+apply_rotary.defvjp(_rotary_forward, _rotary_backward)
 
 
 # --------------------------------------------------------------------------- attention

@@ -223,6 +223,41 @@ def test_remat_and_bfloat16(folders):
     assert _relative(_forward(low, ids, mask), _forward(high, ids, mask), rows) < 5e-2
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rotary_and_its_gradient_match_float64(jit, dtype):
+    """Rotary embeddings (``rotate_half`` layout) and their gradient, written as the
+    rotation by the opposite angle, equal the float64 formulas: ``x cos + rot(x) sin``
+    and its transpose ``g cos + rot^T(g sin)`` with ``rot(x) = [-x2, x1]``."""
+    config = llama.LlamaConfig(
+        vocab_size=8, hidden_size=32, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, rope_theta=500.0,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 7, 2, 16)), dtype)
+    d_out = jnp.asarray(rng.standard_normal((2, 7, 2, 16)), dtype)
+    positions = jnp.asarray([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]])
+    cos, sin = llama.rotary(positions, config)
+
+    def loss(x):
+        out = llama.apply_rotary(x, cos, sin)
+        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
+
+    grad = jax.grad(loss, has_aux=True)
+    d_x, out = (jax.jit(grad) if jit else grad)(x)
+    assert out.dtype == dtype and d_x.dtype == dtype
+    angles = np.asarray(positions, np.float64)[..., None] * llama.inverse_frequencies(config)
+    c, s = (np.concatenate([f(angles), f(angles)], -1)[:, :, None] for f in (np.cos, np.sin))
+    x64, g64 = np.asarray(x, np.float64), np.asarray(d_out, np.float64)
+    half = 8
+    rot = np.concatenate([-x64[..., half:], x64[..., :half]], -1)
+    gs = g64 * s
+    rot_t = np.concatenate([gs[..., half:], -gs[..., :half]], -1)
+    rtol = 1e-6 if dtype == jnp.float32 else 2.0**-8  # bfloat16: the output rounded once
+    np.testing.assert_allclose(np.asarray(out, np.float64), x64 * c + rot * s, rtol, 1e-6)
+    np.testing.assert_allclose(np.asarray(d_x, np.float64), g64 * c + rot_t, rtol, 1e-6)
+
+
 # ------------------------------------------------------------------------------ config
 
 
