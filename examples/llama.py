@@ -660,11 +660,7 @@ class Llama(nnx.Module):
         mask = key_real[:, None, :] & allowed[None]
         x = self.model.embed_tokens(tokens)
         x, layers = self.model(x, cos, sin, mask, None if cache is None else cache["layers"], index)
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        logits = logits.astype(jnp.float32)
+        logits = self._logits(x)
         if cache is None:
             return logits
         cache = {
@@ -674,6 +670,47 @@ class Llama(nnx.Module):
             "position": cache["position"] + jnp.sum(real, axis=1, dtype=jnp.int32),
         }
         return logits, cache
+
+    def _logits(self, x: Array) -> Array:
+        """float32 logits ``[B, T, vocab]`` of the last hidden states ``x [B, T, hidden]``."""
+        tied = self.config.tie_word_embeddings
+        head = self.model.embed_tokens if tied else self.lm_head
+        if type(head) not in (nnx.Embed, nnx.Linear):  # adapted: the layer's own product
+            return (head.attend(x) if tied else head(x)).astype(jnp.float32)
+        weight = head.embedding[...] if tied else head.kernel[...]
+        return head_product(x.astype(self.dtype), weight.astype(self.dtype), tied)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_product(x: Array, weight: Array, vocab_first: bool) -> Array:
+    """``x [..., hidden] @ weight`` summed in float32, returned unrounded.
+
+    ``weight`` is ``[vocab, hidden]`` when ``vocab_first`` (tied embeddings), else
+    ``[hidden, vocab]`` (``lm_head``). The float32 sums are at least as exact as
+    transformers' logits (rounded to the compute dtype, then cast); the gradient takes
+    the logits' cotangent in the compute dtype, as torch's does, so on a CPU both
+    products of the backward pass run at the bfloat16 rate (reverse mode only).
+    """
+    equation = "...h,vh->...v" if vocab_first else "...h,hv->...v"
+    return jnp.einsum(equation, x, weight, preferred_element_type=jnp.float32)
+
+
+def _head_forward(x, weight, vocab_first):
+    return head_product(x, weight, vocab_first), (x, weight)
+
+
+def _head_backward(vocab_first, residuals, d_logits):
+    x, weight = residuals
+    d_logits = d_logits.astype(x.dtype)
+    d_x = _summed("...v,vh->...h" if vocab_first else "...v,hv->...h", d_logits, weight)
+    if vocab_first:
+        d_w = _summed("...v,...h->vh", d_logits, x)
+    else:
+        d_w = _summed("...h,...v->hv", x, d_logits)
+    return d_x, d_w
+
+
+head_product.defvjp(_head_forward, _head_backward)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -258,6 +258,71 @@ def test_rotary_and_its_gradient_match_float64(jit, dtype):
     np.testing.assert_allclose(np.asarray(d_x, np.float64), g64 * c + rot_t, rtol, 1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+def test_head_logits_and_gradients_match_float64(tied, dtype, jit):
+    """The logits (``lm_head`` or tied embeddings) are float32 sums of the compute-dtype
+    operands, and their gradients take the logits' cotangent in the compute dtype, as
+    torch's do: each gradient is the float64 product rounded once. In bfloat16 the
+    backward products multiply two bfloat16 operands into float32 (none mixes dtypes)."""
+    config = llama.LlamaConfig(
+        vocab_size=24, hidden_size=40, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
+    )  # fmt: skip
+    head = "embed_tokens" if tied else "lm_head"
+    model = llama.Llama(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, weight, rest = nnx.split(model, nnx.PathContains(head), ...)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 40)), dtype)
+    d_logits = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
+
+    def loss(weight, x):
+        logits = nnx.merge(graphdef, weight, rest)._logits(x)
+        return jnp.sum(logits * d_logits), logits
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    (d_w, d_x), logits = (jax.jit(grad) if jit else grad)(weight, x)
+    (d_w,), (w,) = jax.tree.leaves(d_w), jax.tree.leaves(weight)
+    assert logits.dtype == jnp.float32 and d_x.dtype == dtype and d_w.dtype == dtype
+    w64 = np.asarray(w, np.float64)
+    kernel = w64.T if tied else w64  # [hidden, vocab]
+    x64 = np.asarray(x, np.float64)
+    g64 = np.asarray(d_logits.astype(dtype), np.float64)  # the cotangent in the dtype
+    np.testing.assert_allclose(np.asarray(logits, np.float64), x64 @ kernel, 1e-5, 1e-5)
+    rtol = 1e-5 if dtype == jnp.float32 else 2.0**-8  # bfloat16: rounded once
+    np.testing.assert_allclose(np.asarray(d_x, np.float64), g64 @ kernel.T, rtol, 1e-4)
+    d_kernel = np.einsum("bth,btv->hv", x64, g64)
+    np.testing.assert_allclose(
+        np.asarray(d_w, np.float64), d_kernel.T if tied else d_kernel, rtol, 1e-4
+    )
+    if dtype == jnp.bfloat16:
+        hlo = jax.jit(grad).lower(weight, x).as_text()
+        dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+        assert len(dots) == 3  # logits, d_x, d_w
+        for line in dots:
+            operands, result = line.rsplit(":", 1)[-1].split("->")
+            assert operands.count("bf16") == 2 and "xf32>" in result, line
+
+
+def test_adapted_head_keeps_its_own_product():
+    """An adapted ``lm_head`` (a DoRA layer, not a plain ``nnx.Linear``) gives the logits
+    through its own call, adapter included."""
+    config = llama.LlamaConfig(
+        vocab_size=24, hidden_size=40, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = llama.Llama(config, rngs=nnx.Rngs(0))
+    dora_jax.nnx.apply_dora(
+        model, dora_jax.DoRAConfig(targets=["lm_head"], rank=2), rngs=nnx.Rngs(1)
+    )
+    model.lm_head.lora_b[...] = jnp.ones_like(model.lm_head.lora_b[...])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 40)), jnp.float32)
+    plain = x @ model.lm_head.kernel[...]
+    np.testing.assert_array_equal(model._logits(x), model.lm_head(x))
+    assert np.max(np.abs(model._logits(x) - plain)) > 1e-2  # the adapter counts
+
+
 # ------------------------------------------------------------------------------ config
 
 
