@@ -520,7 +520,11 @@ class MLP(nnx.Module):
         self.down_proj = nnx.Linear(i, h, rngs=rngs, **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        # SiLU in float32, rounded once (as torch's bfloat16 silu): in bfloat16 XLA would
+        # round after each of its four operations.
+        act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
+        return self.down_proj(act * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
