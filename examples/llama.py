@@ -402,43 +402,67 @@ def attention(q: Array, k: Array, v: Array, mask: Array, *, causal: bool) -> Arr
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
     causal = causal and t == k.shape[2]
     blocks = max(1, min(QUERY_BLOCKS, t // MIN_BLOCK)) if causal else 1
-    bounds = [t * i // blocks for i in range(blocks + 1)]
-    outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        keys = hi if causal else k.shape[2]  # a causal block sees no key after its last query
-        block = (q[:, :, :, lo:hi], k[:, :, :keys], v[:, :, :keys], bias[..., lo:hi, :keys])
-        outs.append(_attention_core(*block, dim**-0.5))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    bounds = tuple(t * i // blocks for i in range(blocks + 1))
+    out = _blocked_attention(q, k, v, bias, dim**-0.5, bounds, causal)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, dim)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_core(q, k, v, bias, scale):
-    """``softmax(q k^T * scale + bias) v`` per kv head and group: q ``[B, K, G, T, D]``,
-    k, v ``[B, K, S, D]``, bias ``[B, 1, 1, T, S]`` float32."""
-    return _attention_forward(q, k, v, bias, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blocked_attention(q, k, v, bias, scale, bounds, causal):
+    """``softmax(q k^T * scale + bias) v`` per kv head and group, in query blocks
+    ``bounds`` (each over the keys up to its last query when ``causal``): q
+    ``[B, K, G, T, D]``, k, v ``[B, K, S, D]``, bias ``[B, 1, 1, T, S]`` float32."""
+    return _attention_forward(q, k, v, bias, scale, bounds, causal)[0]
 
 
-def _attention_forward(q, k, v, bias, scale):
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale + bias
-    exp = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
-    out = _summed("bkgts,bksd->bkgtd", probs.astype(v.dtype), v)
-    return out, (q, k, v, probs, out)
+def _blocks(bounds, causal, keys):
+    """(first query, end query, keys seen) of each query block."""
+    return [
+        (lo, hi, hi if causal else keys) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
-def _attention_backward(scale, residuals, d_out):
+def _attention_forward(q, k, v, bias, scale, bounds, causal):
+    outs, all_probs = [], []
+    for lo, hi, keys in _blocks(bounds, causal, k.shape[2]):
+        scores = jnp.einsum(
+            "bkgtd,bksd->bkgts",
+            q[..., lo:hi, :],
+            k[:, :, :keys],
+            preferred_element_type=jnp.float32,
+        )
+        scores = scores * scale + bias[..., lo:hi, :keys]
+        exp = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
+        outs.append(_summed("bkgts,bksd->bkgtd", probs.astype(v.dtype), v[:, :, :keys]))
+        all_probs.append(probs)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out, (q, k, v, all_probs, out)
+
+
+def _attention_backward(scale, bounds, causal, residuals, d_out):
     # The softmax gradient from the saved probabilities, p * (dp - rowsum(do * o)): one
-    # pass over the scores where autodiff of the forward takes several.
-    q, k, v, probs, out = residuals
-    d_v = _summed("bkgts,bkgtd->bksd", probs.astype(v.dtype), d_out)
-    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    # pass over the scores where autodiff of the forward takes several. The query
+    # blocks' d_q are joined, their d_k and d_v summed in float32 and rounded once.
+    q, k, v, all_probs, out = residuals
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_scores = (probs * (d_probs - row) * scale).astype(q.dtype)
-    d_q = _summed("bkgts,bksd->bkgtd", d_scores, k)
-    d_k = _summed("bkgts,bkgtd->bksd", d_scores, q)
-    return d_q, d_k, d_v, None
+    d_q, d_k, d_v = [], 0.0, 0.0
+    for (lo, hi, keys), probs in zip(_blocks(bounds, causal, k.shape[2]), all_probs, strict=True):
+        d_o, k_seen, v_seen = d_out[..., lo:hi, :], k[:, :, :keys], v[:, :, :keys]
+        pad = ((0, 0), (0, 0), (0, k.shape[2] - keys), (0, 0))
+        d_v_block = jnp.einsum(
+            "bkgts,bkgtd->bksd", probs.astype(v.dtype), d_o, preferred_element_type=jnp.float32
+        )
+        d_v = d_v + jnp.pad(d_v_block, pad)
+        d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_o, v_seen, preferred_element_type=jnp.float32)
+        d_scores = (probs * (d_probs - row[..., lo:hi, :]) * scale).astype(q.dtype)
+        d_q.append(_summed("bkgts,bksd->bkgtd", d_scores, k_seen))
+        d_k_block = jnp.einsum(
+            "bkgts,bkgtd->bksd", d_scores, q[..., lo:hi, :], preferred_element_type=jnp.float32
+        )
+        d_k = d_k + jnp.pad(d_k_block, pad)
+    d_q = d_q[0] if len(d_q) == 1 else jnp.concatenate(d_q, axis=3)
+    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 def _summed(equation: str, a: Array, b: Array) -> Array:
@@ -447,7 +471,7 @@ def _summed(equation: str, a: Array, b: Array) -> Array:
     return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-_attention_core.defvjp(_attention_forward, _attention_backward)
+_blocked_attention.defvjp(_attention_forward, _attention_backward)
 
 
 # --------------------------------------------------------------------------- modules

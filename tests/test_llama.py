@@ -223,6 +223,33 @@ def test_remat_and_bfloat16(folders):
     assert _relative(_forward(low, ids, mask), _forward(high, ids, mask), rows) < 5e-2
 
 
+def test_block_causal_attention_in_bfloat16_matches_float64():
+    """In bfloat16 (probabilities and score gradients rounded to bfloat16 before their
+    products, as torch's are), the block attention's output and q/k/v gradients stay
+    within bfloat16 rounding of the float64 attention of the same inputs."""
+    t, heads, kv_heads, dim = 256, 4, 2, 16  # 4 blocks of 64 queries
+    rng = np.random.default_rng(1)
+    q, k, v, d_out = (
+        jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+        for shape in [(1, t, heads, dim), (1, t, kv_heads, dim), (1, t, kv_heads, dim)]
+        + [(1, t, heads, dim)]
+    )
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None])
+
+    def loss(q, k, v, dtype):
+        out = llama.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, causal=True)
+        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    ours = grad(q, k, v, jnp.bfloat16)
+    with jax.enable_x64():  # the same bfloat16 inputs, every step in float64
+        exact = grad(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), jnp.float64)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(exact), strict=True):
+        assert a.dtype == jnp.bfloat16
+        a, b = np.asarray(a, np.float64), np.asarray(b)
+        assert np.max(np.abs(a - b)) <= 1e-2 * np.max(np.abs(b)), np.max(np.abs(a - b))
+
+
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_rotary_and_its_gradient_match_float64(jit, dtype):
