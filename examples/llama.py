@@ -43,10 +43,14 @@ Interface:
 
 Hugging Face checkpoints load with ``examples/hf_llm.py``. The numerics follow
 transformers: RMSNorm in float32, rotary embeddings in float32 (``rotate_half`` layout,
-llama3 frequency scaling), attention softmax in float32. Causal attention without a
-cache runs in query blocks over the keys up to each block's end, with a backward pass
-written from the saved probabilities (:func:`attention`): on a CPU a third of the
-attention time of plain autodiff over all keys.
+llama3 frequency scaling), attention softmax in float32, SiLU in float32 rounded once to
+the compute dtype. The logits are the float32 sums of the compute-dtype products
+(transformers rounds them to the compute dtype before its float32 cast). Causal attention
+without a cache runs in query blocks over the keys up to each block's end, with a
+backward pass written from the saved probabilities (:func:`attention`): on a CPU a third
+of the attention time of plain autodiff over all keys. Attention, rotary embeddings and
+the head have their own reverse-mode gradients (``jax.custom_vjp``): ``jax.grad`` and
+``jax.vjp`` work, ``jax.jvp`` raises.
 """
 
 from __future__ import annotations
