@@ -29,7 +29,9 @@ Three facts keep DoRA as cheap as LoRA:
   default reads :data:`DEFAULT_STACK_ROWS_PER_OUTPUT` for the backend.
 
 On the CPU, the bfloat16 products of Dense layers (forward and gradients) are summed in
-float32 explicitly (:func:`accumulated_product`): the same numbers, at XLA's bfloat16 rate.
+float32 explicitly (:func:`accumulated_product`, and :func:`low_rank_product` for the
+LoRA branch, whose gradients avoid the slow product forms): the same numbers, at XLA's
+bfloat16 rate.
 """
 
 from __future__ import annotations
@@ -550,7 +552,10 @@ def adapter_forward(
     else:
         base_out = apply_kernel(x, kernel)
     xd = x if x_dropped is None else x_dropped
-    lora_out = apply_lora_b((apply_lora_a or apply_kernel)(xd, lora_a), lora_b)
+    if on_cpu and lora_a.ndim == 2 and _bfloat16_product(layer_map, xd, lora_a):
+        lora_out = low_rank_product(xd.astype(jnp.bfloat16), lora_a, lora_b)
+    else:
+        lora_out = apply_lora_b((apply_lora_a or apply_kernel)(xd, lora_a), lora_b)
     g = None
     if magnitude is not None:
         if norm is None:
@@ -646,6 +651,64 @@ def _accumulating(
         return total.astype(jnp.bfloat16) if rounded else total
 
     return product
+
+
+def _bfloat16_product(layer_map: Callable[[Array, Array], Array], x: Array, k: Array) -> bool:
+    """Whether the layer multiplies ``x`` and ``k`` into bfloat16 (its dtype and
+    ``preferred_element_type`` say so), i.e. :func:`_accumulating` replaces the product."""
+    return jax.eval_shape(layer_map, x, k).dtype == jnp.bfloat16
+
+
+@jax.custom_vjp
+def low_rank_product(x: Array, lora_a: Array, lora_b: Array) -> Array:
+    """``(x @ A) @ B`` for the rows ``x (n, in)`` of a Dense-like layer on the CPU, in
+    ``x``'s dtype (bfloat16 or float32): each product summed in float32 and rounded
+    to that dtype, as the layer's own two products, with ``lora_a (in, r)`` and
+    ``lora_b (r, out)`` cast to it. Returns ``(n, out)``; gradients for all three, of
+    the same numbers as the layer's own (``A`` and ``B``'s rounded to ``x``'s dtype,
+    returned in their own), reverse mode only.
+
+    Written out because XLA's CPU backend multiplies at its fast rate only two
+    row-major operands contracted over the left one's last axis (or both last axes).
+    Autodiff gives ``A`` and ``B`` the gradients ``x^T dh`` and ``h^T dy``, which
+    contract the rows and run element by element in float32, ten times slower;
+    here they are ``(dh^T) x`` and ``(h^T) dy`` from row-major transposes
+    (:func:`_transposed`)."""
+    return _low_rank_forward(x, lora_a, lora_b)[0]
+
+
+def _low_rank_forward(x, lora_a, lora_b):
+    a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
+    h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.dot(h, b, preferred_element_type=jnp.float32).astype(x.dtype), (x, lora_a, lora_b, h)
+
+
+def _low_rank_backward(residuals, d_out):
+    x, lora_a, lora_b, h = residuals
+    a, b, dy = lora_a.astype(x.dtype), lora_b.astype(x.dtype), d_out.astype(x.dtype)
+    d_h = _dot_rows(dy, b).astype(x.dtype)  # dy @ B^T
+    d_x = _dot_rows(d_h, a).astype(x.dtype)  # dh @ A^T
+    d_a = jnp.dot(_transposed(d_h), x, preferred_element_type=jnp.float32)  # (r, in)
+    d_b = jnp.dot(_transposed(h), dy, preferred_element_type=jnp.float32)  # (r, out)
+    # Rounded to x's dtype first, as the gradient of the layer's cast of A and B.
+    d_a = d_a.astype(x.dtype).T.astype(lora_a.dtype)
+    return d_x, d_a, d_b.astype(x.dtype).astype(lora_b.dtype)
+
+
+low_rank_product.defvjp(_low_rank_forward, _low_rank_backward)
+
+
+def _dot_rows(u: Array, v: Array) -> Array:
+    """``u @ v^T`` of ``u (n, k)`` and ``v (m, k)``, summed in float32: ``(n, m)``."""
+    return jax.lax.dot_general(u, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _transposed(u: Array) -> Array:
+    """``u^T`` of ``u (n, r)``, materialised row-major, as the product ``I_r u^T``
+    (exact: one nonzero term per sum). XLA would fold a plain transpose into the
+    product that uses it, which then contracts over rows, the slow form."""
+    eye = jnp.eye(u.shape[1], dtype=u.dtype)
+    return _dot_rows(eye, u).astype(u.dtype)
 
 
 @jax.custom_vjp

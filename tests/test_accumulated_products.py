@@ -4,8 +4,10 @@ XLA's CPU backend multiplies two bfloat16 operands at its bfloat16 rate only whe
 product is asked for float32 output; a bfloat16 product, and the mixed float32 x bfloat16
 one that JAX's gradient of ``preferred_element_type`` produces, are converted to float32
 first. So on the CPU a Dense layer's bfloat16 products (``x @ W0``, ``x @ A``,
-``(xA) @ B`` and their gradients) run as :func:`dora_jax.ops.accumulated_product`.
-Checked: its values and gradients against float64 (one rounding to bfloat16), the
+``(xA) @ B`` and their gradients) run as :func:`dora_jax.ops.accumulated_product`
+(the LoRA branch as :func:`dora_jax.ops.low_rank_product`, whose gradients contract
+only last axes). Checked: their values and gradients against float64 (one rounding to
+bfloat16 per product), the
 programs of both front ends (every product of a bfloat16 step has bfloat16 operands and
 float32 accumulation), the adapted layer against the float64 reference, and the layers
 that keep their own map (float32, a float32 ``preferred_element_type``, a custom
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,6 +69,52 @@ def test_product_and_gradients_are_float64_rounded_once(jit, lead):
     # XLA's own bfloat16 product gives the same numbers (to float32 summation order).
     plain = jnp.dot(x, kernel)
     assert np.max(np.abs(_f64(plain) - _f64(y))) <= 2 * BF16_EPS * np.abs(_f64(plain)).max()
+
+
+def _round(values: np.ndarray) -> np.ndarray:
+    return _f64(jnp.asarray(values, jnp.float32).astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_low_rank_product_and_gradients_are_float64_rounded_once_each(jit):
+    x, dy = _bf16((12, 40), 0), _bf16((12, 24), 1)
+    a = jax.random.normal(jax.random.key(2), (40, 4))  # float32 factors, as the adapters
+    b = jax.random.normal(jax.random.key(3), (4, 24))
+    product = jax.jit(ops.low_rank_product) if jit else ops.low_rank_product
+    y, vjp = jax.vjp(product, x, a, b)
+    d_x, d_a, d_b = vjp(dy)
+    xs, a16, b16, dys = _f64(x), _round(a), _round(b), _f64(dy)
+    h = _round(xs @ a16)  # each product rounded to bfloat16 once, as the layer's own
+    _assert_one_rounding(y, h @ b16)
+    d_h = _round(dys @ b16.T)
+    _assert_one_rounding(d_x, d_h @ a16.T)
+    for grad, exact, factor in ((d_a, xs.T @ d_h, a), (d_b, h.T @ dys, b)):
+        assert grad.dtype == factor.dtype == jnp.float32
+        _assert_one_rounding(grad.astype(jnp.bfloat16), exact)  # a bfloat16 value
+        assert np.array_equal(_f64(grad), _f64(grad.astype(jnp.bfloat16)))
+
+
+def test_low_rank_gradients_contract_the_last_axis_of_row_major_operands():
+    """XLA's CPU backend runs a product at its fast rate only when it contracts the
+    left operand's last axis: none of the gradient's products contracts over rows."""
+    x, dy = _bf16((12, 40), 0), _bf16((12, 24), 1)
+    a, b = jnp.ones((40, 4)), jnp.ones((4, 24))
+    jaxpr = jax.make_jaxpr(lambda *p: jax.vjp(ops.low_rank_product, *p)[1](dy))(x, a, b)
+    dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    # x @ A, h @ B; dy B^T, dh A^T, (dh^T) x, (h^T) dy and the two transposes
+    assert len(dots) == 8
+    for equation in dots:
+        (lhs_contracted, _), _ = equation.params["dimension_numbers"]
+        assert tuple(lhs_contracted) == (equation.invars[0].aval.ndim - 1,)
+    u = _bf16((9, 4), 5)
+    assert np.array_equal(_f64(ops._transposed(u)), _f64(u).T)  # exact
+
+
+def _equations(jaxpr):
+    for equation in jaxpr.eqns:
+        yield equation
+        for sub in jax.extend.core.jaxprs_in_params(equation.params):
+            yield from _equations(sub)
 
 
 def _check_accumulated(fn, *args):
@@ -169,7 +218,8 @@ def test_bfloat16_layer_products_are_accumulated_and_match_float64(front_end, st
 
 
 def _has_accumulated_product(fn, *args) -> bool:
-    return "accumulated_product" in str(jax.make_jaxpr(fn)(*args))
+    program = str(jax.make_jaxpr(fn)(*args))
+    return "accumulated_product" in program or "low_rank_product" in program
 
 
 @pytest.mark.parametrize(
