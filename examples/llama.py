@@ -339,9 +339,7 @@ def rotary(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
     """cos and sin ``[B, T, head_dim]`` (float32) of integer ``positions [B, T]``."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inverse_frequencies(config))
     angles = jnp.concatenate([freqs, freqs], axis=-1)
-    # Computed once: XLA would otherwise fuse cos and sin into each use, evaluating them
-    # once per head and element.
-    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 @jax.custom_vjp
