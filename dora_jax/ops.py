@@ -661,10 +661,10 @@ def _bfloat16_product(layer_map: Callable[[Array, Array], Array], x: Array, k: A
 
 @jax.custom_vjp
 def low_rank_product(x: Array, lora_a: Array, lora_b: Array) -> Array:
-    """``(x @ A) @ B`` for the rows ``x (n, in)`` of a Dense-like layer on the CPU, in
-    ``x``'s dtype (bfloat16 or float32): each product summed in float32 and rounded
+    """``(x @ A) @ B`` for the inputs ``x (..., in)`` of a Dense-like layer on the CPU,
+    in ``x``'s dtype (bfloat16 or float32): each product summed in float32 and rounded
     to that dtype, as the layer's own two products, with ``lora_a (in, r)`` and
-    ``lora_b (r, out)`` cast to it. Returns ``(n, out)``; gradients for all three, of
+    ``lora_b (r, out)`` cast to it. Returns ``(..., out)``; gradients for all three, of
     the same numbers as the layer's own (``A`` and ``B``'s rounded to ``x``'s dtype,
     returned in their own), reverse mode only.
 
@@ -678,21 +678,24 @@ def low_rank_product(x: Array, lora_a: Array, lora_b: Array) -> Array:
 
 
 def _low_rank_forward(x, lora_a, lora_b):
+    rows = x.reshape(-1, x.shape[-1])
     a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
-    h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
-    return jnp.dot(h, b, preferred_element_type=jnp.float32).astype(x.dtype), (x, lora_a, lora_b, h)
+    h = jnp.dot(rows, a, preferred_element_type=jnp.float32).astype(x.dtype)
+    out = jnp.dot(h, b, preferred_element_type=jnp.float32).astype(x.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1]), (x, lora_a, lora_b, h)
 
 
 def _low_rank_backward(residuals, d_out):
     x, lora_a, lora_b, h = residuals
-    a, b, dy = lora_a.astype(x.dtype), lora_b.astype(x.dtype), d_out.astype(x.dtype)
+    rows, dy = x.reshape(h.shape[0], -1), d_out.reshape(h.shape[0], -1).astype(x.dtype)
+    a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
     d_h = _dot_rows(dy, b).astype(x.dtype)  # dy @ B^T
     d_x = _dot_rows(d_h, a).astype(x.dtype)  # dh @ A^T
-    d_a = jnp.dot(_transposed(d_h), x, preferred_element_type=jnp.float32)  # (r, in)
+    d_a = jnp.dot(_transposed(d_h), rows, preferred_element_type=jnp.float32)  # (r, in)
     d_b = jnp.dot(_transposed(h), dy, preferred_element_type=jnp.float32)  # (r, out)
     # Rounded to x's dtype first, as the gradient of the layer's cast of A and B.
     d_a = d_a.astype(x.dtype).T.astype(lora_a.dtype)
-    return d_x, d_a, d_b.astype(x.dtype).astype(lora_b.dtype)
+    return d_x.reshape(x.shape), d_a, d_b.astype(x.dtype).astype(lora_b.dtype)
 
 
 low_rank_product.defvjp(_low_rank_forward, _low_rank_backward)

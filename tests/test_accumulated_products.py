@@ -76,14 +76,19 @@ def _round(values: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-def test_low_rank_product_and_gradients_are_float64_rounded_once_each(jit):
-    x, dy = _bf16((12, 40), 0), _bf16((12, 24), 1)
+@pytest.mark.parametrize("lead", [(12,), (3, 4), ()], ids=["rows", "batch-tokens", "vector"])
+def test_low_rank_product_and_gradients_are_float64_rounded_once_each(jit, lead):
+    x, dy = _bf16((*lead, 40), 0), _bf16((*lead, 24), 1)
     a = jax.random.normal(jax.random.key(2), (40, 4))  # float32 factors, as the adapters
     b = jax.random.normal(jax.random.key(3), (4, 24))
     product = jax.jit(ops.low_rank_product) if jit else ops.low_rank_product
     y, vjp = jax.vjp(product, x, a, b)
     d_x, d_a, d_b = vjp(dy)
-    xs, a16, b16, dys = _f64(x), _round(a), _round(b), _f64(dy)
+    assert y.shape == dy.shape and d_x.shape == x.shape
+    xs, a16, b16, dys = (_f64(v).reshape(-1, v.shape[-1]) for v in (x, a, b, dy))
+    a16, b16 = _round(a16), _round(b16)
+    d_x = d_x.reshape(-1, 40)
+    y = y.reshape(-1, 24)
     h = _round(xs @ a16)  # each product rounded to bfloat16 once, as the layer's own
     _assert_one_rounding(y, h @ b16)
     d_h = _round(dys @ b16.T)
@@ -304,3 +309,23 @@ def test_stacking_changes_speed_not_results_in_bfloat16(tokens):
     assert reference.relative_error(stacked_y, plain_y) <= 1e-6
     for name in plain:
         assert reference.relative_error(stacked[name], plain[name]) <= 1e-6, name
+
+
+def test_bfloat16_layer_on_a_single_vector_equals_it_as_one_row():
+    layer = dora_nnx.DoRALinear(
+        40, 24, rank=4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+    x = _bf16((40,), 7)
+
+    def grads(inputs):
+        def loss(model):
+            return jnp.sum(model(inputs).astype(jnp.float32) ** 2)
+
+        return nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+
+    assert layer(x).shape == (24,)
+    assert np.array_equal(_f64(layer(x)), _f64(layer(x[None])[0]))
+    vector, row = jax.tree.leaves(grads(x)), jax.tree.leaves(grads(x[None]))
+    assert len(vector) == 3  # lora_a, lora_b, magnitude
+    for a, b in zip(vector, row, strict=True):
+        assert np.array_equal(_f64(a), _f64(b))
