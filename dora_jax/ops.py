@@ -371,7 +371,12 @@ def dora_norm(
     b = b.astype(jnp.float32)
     # A^T W0 reads the kernel in its own dtype with float32 accumulation: casting a
     # bfloat16 W0 to float32 first would allocate a full-size copy of it.
-    if a_t_w is None:
+    if a_t_w is None and w.shape[0] == 1 and jax.default_backend() == "cpu":
+        # A^T as a row-major operand: XLA's CPU backend would contract W0 over its rows
+        # in float32, converting the whole kernel first (a copy LoRA never makes).
+        a_t = _transposed(a[0].astype(w.dtype))
+        a_t_w = jnp.dot(a_t, w[0], preferred_element_type=jnp.float32)[None]
+    elif a_t_w is None:
         a_t_w = jnp.einsum("bir,bio->bro", a.astype(w.dtype), w, preferred_element_type=jnp.float32)
     else:
         a_t_w = a_t_w.reshape(a.shape[0], a.shape[2], -1).astype(jnp.float32)
