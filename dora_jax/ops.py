@@ -716,7 +716,10 @@ def _transposed(u: Array) -> Array:
     (exact: one nonzero term per sum). XLA would fold a plain transpose into the
     product that uses it, which then contracts over rows, the slow form."""
     eye = jnp.eye(u.shape[1], dtype=u.dtype)
-    return _dot_rows(eye, u).astype(u.dtype)
+    sums = jnp.promote_types(u.dtype, jnp.float32)  # float64 stays float64
+    return jax.lax.dot_general(
+        eye, u, (((1,), (1,)), ((), ())), preferred_element_type=sums
+    ).astype(u.dtype)
 
 
 @jax.custom_vjp

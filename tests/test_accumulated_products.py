@@ -113,6 +113,10 @@ def test_low_rank_gradients_contract_the_last_axis_of_row_major_operands():
         assert tuple(lhs_contracted) == (equation.invars[0].aval.ndim - 1,)
     u = _bf16((9, 4), 5)
     assert np.array_equal(_f64(ops._transposed(u)), _f64(u).T)  # exact
+    with jax.enable_x64(True):  # in any dtype: float64 summed in float64
+        u = jnp.asarray(np.random.default_rng(0).standard_normal((9, 4)))
+        assert u.dtype == jnp.float64
+        assert np.array_equal(np.asarray(ops._transposed(u)), np.asarray(u).T)
 
 
 def _equations(jaxpr):
