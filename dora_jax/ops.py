@@ -706,9 +706,9 @@ def _low_rank_backward(residuals, d_out):
 low_rank_product.defvjp(_low_rank_forward, _low_rank_backward)
 
 
-def _dot_rows(u: Array, v: Array) -> Array:
-    """``u @ v^T`` of ``u (n, k)`` and ``v (m, k)``, summed in float32: ``(n, m)``."""
-    return jax.lax.dot_general(u, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _dot_rows(u: Array, v: Array, sums=jnp.float32) -> Array:
+    """``u @ v^T`` of ``u (n, k)`` and ``v (m, k)``, summed in ``sums``: ``(n, m)``."""
+    return jax.lax.dot_general(u, v, (((1,), (1,)), ((), ())), preferred_element_type=sums)
 
 
 def _transposed(u: Array) -> Array:
@@ -716,10 +716,8 @@ def _transposed(u: Array) -> Array:
     (exact: one nonzero term per sum). XLA would fold a plain transpose into the
     product that uses it, which then contracts over rows, the slow form."""
     eye = jnp.eye(u.shape[1], dtype=u.dtype)
-    sums = jnp.promote_types(u.dtype, jnp.float32)  # float64 stays float64
-    return jax.lax.dot_general(
-        eye, u, (((1,), (1,)), ((), ())), preferred_element_type=sums
-    ).astype(u.dtype)
+    # Summed in float32, or the operand's own dtype where wider (float64 stays exact).
+    return _dot_rows(eye, u, jnp.promote_types(u.dtype, jnp.float32)).astype(u.dtype)
 
 
 @jax.custom_vjp
