@@ -692,7 +692,7 @@ def _low_rank_forward(x, lora_a, lora_b):
 
 def _low_rank_backward(residuals, d_out):
     x, lora_a, lora_b, h = residuals
-    rows, dy = x.reshape(h.shape[0], -1), d_out.reshape(h.shape[0], -1).astype(x.dtype)
+    rows, dy = x.reshape(-1, x.shape[-1]), d_out.reshape(-1, d_out.shape[-1]).astype(x.dtype)
     a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
     d_h = _dot_rows(dy, b).astype(x.dtype)  # dy @ B^T
     d_x = _dot_rows(d_h, a).astype(x.dtype)  # dh @ A^T

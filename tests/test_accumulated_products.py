@@ -360,3 +360,16 @@ def test_bfloat16_norm_never_converts_the_kernel_to_float32():
     cross, quad = np.sum(b * (_round(a).T @ w0), axis=0), np.sum(b * (a.T @ a @ b), axis=0)
     exact = np.sqrt(np.sum(w0 * w0, axis=0) + 2 * s * cross + s * s * quad)
     assert reference.relative_error(norm, exact) <= 1e-5
+
+
+def test_bfloat16_layer_on_no_rows_has_zero_gradients():
+    layer = dora_nnx.DoRALinear(
+        40, 24, rank=4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+    x = jnp.zeros((0, 40), jnp.bfloat16)
+    assert layer(x).shape == (0, 24)
+    grads = nnx.grad(
+        lambda m: jnp.sum(m(x).astype(jnp.float32)), argnums=nnx.DiffState(0, nnx.LoRAParam)
+    )(layer)
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == 3 and all(not np.any(_f64(g)) for g in leaves)
