@@ -649,9 +649,8 @@ def _accumulating(
     """
 
     def product(x: Array, k: Array) -> Array:
-        own = apply(x, k)  # unused (and removed from the program) when replaced
-        if own.dtype != jnp.bfloat16:
-            return own
+        if not _bfloat16_product(apply, x, k):
+            return apply(x, k)
         total = accumulated_product(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
         return total.astype(jnp.bfloat16) if rounded else total
 
@@ -660,7 +659,7 @@ def _accumulating(
 
 def _bfloat16_product(layer_map: Callable[[Array, Array], Array], x: Array, k: Array) -> bool:
     """Whether the layer multiplies ``x`` and ``k`` into bfloat16 (its dtype and
-    ``preferred_element_type`` say so), i.e. :func:`_accumulating` replaces the product."""
+    ``preferred_element_type`` say so): the products the CPU path replaces."""
     return jax.eval_shape(layer_map, x, k).dtype == jnp.bfloat16
 
 

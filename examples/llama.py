@@ -366,8 +366,7 @@ def _rotary_forward(x, cos, sin):
 
 def _rotary_backward(tables, d_out):
     # A rotation's transpose is its inverse: one pass like the forward, where autodiff
-    # of the concatenation pads and adds the halves (and XLA re-evaluates cos and sin in
-    # every fused use of the tables).
+    # of the concatenation pads and adds the halves.
     cos, sin = tables
     return _rotated(d_out, cos, -sin), None, None
 
