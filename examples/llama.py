@@ -336,10 +336,17 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
 
 
 def rotary(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
-    """cos and sin ``[B, T, head_dim]`` (float32) of integer ``positions [B, T]``."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inverse_frequencies(config))
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    """cos and sin ``[B, T, head_dim]`` (float32) of integer ``positions [B, T]``.
+
+    A NumPy array of positions gives NumPy tables: constants of a compiled step. XLA's
+    CPU backend counts cos and sin as cheap and evaluates them again inside each
+    rotation that reads them (two per layer); as constants they are computed once, at
+    trace time (2 % of the Llama-shaped step in ``benchmarks/llm_step.py``).
+    """
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    freqs = positions.astype(np.float32)[..., None] * inverse_frequencies(config)
+    angles = xp.concatenate([freqs, freqs], axis=-1)
+    return xp.cos(angles), xp.sin(angles)
 
 
 @jax.custom_vjp
@@ -674,7 +681,9 @@ class Llama(nnx.Module):
         b, t = tokens.shape
         real = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         start = 0 if cache is None else cache["position"][:, None]
-        if positions is None:
+        if positions is None and attention_mask is None and cache is None:
+            positions = np.arange(t)[None]  # known when tracing: tables are constants
+        elif positions is None:
             positions = jnp.maximum(start + jnp.cumsum(real, axis=1) - 1, start)
         cos, sin = rotary(positions, self.config)
         if cache is None:
