@@ -278,12 +278,14 @@ def test_block_causal_attention_in_bfloat16_matches_float64():
         assert error <= 1e-2 * np.max(np.abs(reference)), error
 
 
+@pytest.mark.parametrize("tables", ["traced", "numpy"])
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_rotary_and_its_gradient_match_float64(jit, dtype):
+def test_rotary_and_its_gradient_match_float64(jit, dtype, tables):
     """Rotary embeddings (``rotate_half`` layout) and their gradient, written as the
     rotation by the opposite angle, equal the float64 formulas: ``x cos + rot(x) sin``
-    and its transpose ``g cos + rot^T(g sin)`` with ``rot(x) = [-x2, x1]``."""
+    and its transpose ``g cos + rot^T(g sin)`` with ``rot(x) = [-x2, x1]``; with the
+    tables from traced positions and from NumPy ones (constants of the program)."""
     config = llama.LlamaConfig(
         vocab_size=8, hidden_size=32, intermediate_size=8, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, head_dim=16, rope_theta=500.0,
@@ -291,8 +293,9 @@ def test_rotary_and_its_gradient_match_float64(jit, dtype):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 7, 2, 16)), dtype)
     d_out = jnp.asarray(rng.standard_normal((2, 7, 2, 16)), dtype)
-    positions = jnp.asarray([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]])
-    cos, sin = llama.rotary(positions, config)
+    positions = np.asarray([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]])
+    cos, sin = llama.rotary(positions if tables == "numpy" else jnp.asarray(positions), config)
+    assert isinstance(cos, np.ndarray) == (tables == "numpy")
 
     def loss(x):
         out = llama.apply_rotary(x, cos, sin)
