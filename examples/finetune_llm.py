@@ -269,18 +269,20 @@ def encode(rows: list[dict], tokenizer, max_len: int, eos: int | None) -> dict[s
 
     Returns ``tokens``, ``targets`` (``tokens`` shifted left by one), ``weights`` (1.0
     where the target is a completion token or the closing EOS) and ``attention_mask``,
-    each ``(n, max_len)``. The prompt is cut from the left, the completion from the
-    right; a row whose prompt leaves no room for a completion token is dropped.
+    each ``(n, max_len)``. The prompt is encoded with the tokenizer's special tokens (a
+    Llama or Mistral ``tokenizer.json`` puts BOS first), the completion without. A
+    prompt is cut from the left to at most ``max_len - 1`` tokens, keeping its leading
+    special tokens; the completion is cut from the right. A row with an empty
+    completion and no EOS has nothing to learn and is dropped.
     """
-    prompts = tokenizer.encode_batch([r["prompt"] for r in rows], add_special_tokens=False)
+    prompts = tokenizer.encode_batch([r["prompt"] for r in rows], add_special_tokens=True)
     completions = tokenizer.encode_batch([r["completion"] for r in rows], add_special_tokens=False)
     pad = 0 if eos is None else eos
     arrays = {k: [] for k in ("tokens", "targets", "weights", "attention_mask")}
     for prompt, completion in zip(prompts, completions, strict=True):
-        p, c = prompt.ids, completion.ids + ([] if eos is None else [eos])
-        if not c or len(p) >= max_len:
+        p, c = _cut_prompt(prompt, max_len - 1), completion.ids + ([] if eos is None else [eos])
+        if not c:
             continue
-        p = p[-(max_len - 1) :] if len(p) + 1 > max_len else p
         c = c[: max_len + 1 - len(p)]
         sequence = p + c  # at most max_len + 1 tokens: inputs are all but the last
         n = len(sequence) - 1
@@ -295,6 +297,17 @@ def encode(rows: list[dict], tokenizer, max_len: int, eos: int | None) -> dict[s
     if not arrays["tokens"]:
         raise ValueError(f"no example fits in --max-len {max_len} tokens.")
     return {k: np.stack(v) for k, v in arrays.items()}
+
+
+def _cut_prompt(encoding, room: int) -> list[int]:
+    """An encoded prompt's ids cut from the left to ``room`` tokens, keeping the leading
+    special tokens (BOS) the tokenizer put first."""
+    ids = encoding.ids
+    if len(ids) <= room:
+        return ids
+    lead = next((i for i, s in enumerate(encoding.special_tokens_mask) if not s), len(ids))
+    lead = min(lead, room)
+    return ids[:lead] + ids[len(ids) - (room - lead) :]
 
 
 # ----------------------------------------------------------------------------- loss
@@ -650,7 +663,7 @@ def make_evaluator(graphdef, data: dict[str, np.ndarray], batch_size: int, mesh=
 
 def show_generations(model, rows, tokenizer, eos, max_new_tokens: int, label: str, say):
     """Greedy completions of ``rows``' prompts (every process computes; ``say`` prints)."""
-    prompts = [tokenizer.encode(r["prompt"], add_special_tokens=False).ids for r in rows]
+    prompts = [tokenizer.encode(r["prompt"], add_special_tokens=True).ids for r in rows]
     texts = [tokenizer.decode(ids) for ids in generate(model, prompts, max_new_tokens, eos)]
     say(f"greedy generations, {label}:")
     for row, text in zip(rows, texts, strict=True):

@@ -113,6 +113,7 @@ _IGNORED = {
     "_attn_implementation_autoset",
     "bos_token",
     "eos_token",
+    "is_llama_config",  # nanotron's marker in SmolLM configs
 }
 
 

@@ -157,6 +157,34 @@ def test_loss_only_on_completion_tokens(example, toy):
     np.testing.assert_allclose(float(got), np.mean(per_row), rtol=1e-6)
 
 
+
+def test_prompt_keeps_the_tokenizers_bos_when_cut(example, toy):
+    """A Llama-style tokenizer.json puts BOS before the prompt (its post-processor): the
+    prompt keeps it, also when cut from the left; the completion gets none."""
+    from tokenizers import processors
+
+    tokenizer = example.load_tokenizer(toy["folder"])
+    tokenizer.add_special_tokens(["<s>"])
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    eos = example.eos_id(toy["folder"], tokenizer)
+    short = {"prompt": "Signature: def f(x)\nSummary:", "completion": " Return x."}
+    long = {"prompt": "Signature: " + "word " * 80 + "\nSummary:", "completion": " Return x."}
+    batch = example.encode([short, long], tokenizer, 40, eos)
+    plain = tokenizer.encode(short["prompt"], add_special_tokens=False).ids
+    completion = tokenizer.encode(short["completion"], add_special_tokens=False).ids + [eos]
+    n = 1 + len(plain) + len(completion) - 1
+    np.testing.assert_array_equal(batch["tokens"][0, :n], ([bos] + plain + completion)[:-1])
+    assert batch["weights"][0].sum() == len(completion)
+    # The long prompt: BOS, then the prompt's last 38 tokens, then the first completion
+    # token and its target (the second).
+    long_ids = tokenizer.encode(long["prompt"], add_special_tokens=False).ids
+    np.testing.assert_array_equal(batch["tokens"][1], [bos] + long_ids[-38:] + completion[:1])
+    np.testing.assert_array_equal(batch["targets"][1, -2:], completion[:2])
+    np.testing.assert_array_equal(batch["weights"][1], np.arange(40) >= 38)
+
 def _tiny_dora_problem(example, rows: int):
     from flax import nnx
 

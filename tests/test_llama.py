@@ -482,6 +482,99 @@ def test_config_round_trip():
     assert hash(config)  # static in the model's graph
 
 
+# config.json files as published (trimmed of bookkeeping), with what each must give.
+PUBLISHED = {
+    "SmolLM2-135M": (
+        {
+            "model_type": "llama",
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 9,
+            "num_hidden_layers": 30,
+            "num_key_value_heads": 3,
+            "is_llama_config": True,
+            "rope_interleaved": False,
+            "rope_scaling": None,
+            "rope_theta": 100000,
+            "pretraining_tp": 1,
+            "tie_word_embeddings": True,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "pad_token_id": None,
+            "vocab_size": 49152,
+            "rms_norm_eps": 1e-05,
+        },
+        {"head_dim": 64, "rope_theta": 1e5, "tie_word_embeddings": True},
+    ),
+    "Qwen2.5-0.5B": (
+        {
+            "model_type": "qwen2",
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_attention_heads": 14,
+            "num_hidden_layers": 24,
+            "num_key_value_heads": 2,
+            "max_window_layers": 24,
+            "sliding_window": 32768,
+            "use_sliding_window": False,
+            "use_mrope": False,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+            "vocab_size": 151936,
+            "attention_dropout": 0.0,
+        },
+        {"head_dim": 64, "attention_bias": True, "sliding_window": None},
+    ),
+    "Llama-3.2-1B": (
+        {
+            "model_type": "llama",
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": True,
+            "rope_scaling": {
+                "factor": 32.0,
+                "high_freq_factor": 4.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+            "vocab_size": 128256,
+            "eos_token_id": [128001, 128008, 128009],
+        },
+        {"head_dim": 64, "num_key_value_heads": 8},
+    ),
+    "Mistral-7B-v0.1": (
+        {
+            "model_type": "mistral",
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 32,
+            "num_key_value_heads": 8,
+            "sliding_window": 4096,
+            "rope_theta": 10000.0,
+            "vocab_size": 32000,
+        },
+        {"head_dim": 128, "sliding_window": 4096},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_load(name):
+    data, expected = PUBLISHED[name]
+    config = llama.LlamaConfig.from_hf(data)
+    assert {k: getattr(config, k) for k in expected} == expected
+    # A field that would change the numbers is still refused by name.
+    with pytest.raises(ValueError, match="rope_interleaved"):
+        llama.LlamaConfig.from_hf({**data, "rope_interleaved": True})
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
