@@ -469,6 +469,10 @@ def load_adapter(
     ``dora_jax.peft.load_config`` reads the folder's config, :func:`dora_jax.nnx.apply_dora`
     adds the layers and ``dora_jax.peft.load_pretrained`` fills them (every tensor of
     the file used, every field checked). Returns the model and the config.
+
+    Like every NNX module with dropout, the adapted model starts in training mode: with
+    the folder's ``lora_dropout > 0`` its DoRA layers drop inputs until ``model.eval()``
+    (what ``PeftModel.eval()`` is in PyTorch).
     """
     config = dora_peft.load_config(folder)
     dora_jax.nnx.apply_dora(model, config, rngs=rngs or nnx.Rngs(0))

@@ -709,6 +709,50 @@ def test_peft_dora_trained_in_torch_loads_into_jax(folders, tmp_path):
     assert _relative(_forward(model, jnp.asarray(_inputs()[0])), theirs) < TOL
 
 
+# PEFT configurations users bring, beyond one list of names (each perturbed, not trained).
+PEFT_VARIANTS = {
+    "all-linear": {"target_modules": "all-linear"},
+    "regex-rslora": {"target_modules": r".*\.(q_proj|down_proj)", "use_rslora": True},
+    "patterns": {
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "rank_pattern": {"down_proj": 2},
+        "alpha_pattern": {"down_proj": 16},
+    },
+    "layers-exclude": {
+        "target_modules": ["q_proj", "up_proj"],
+        "layers_to_transform": [1],
+        "exclude_modules": ["model.layers.1.mlp.up_proj"],
+    },
+    "modules-to-save": {"target_modules": ["o_proj"], "modules_to_save": ["lm_head"]},
+    "dropout": {"target_modules": ["q_proj", "gate_proj"], "lora_dropout": 0.1},
+}
+
+
+@pytest.mark.parametrize("variant", PEFT_VARIANTS)
+def test_peft_configurations_load_into_jax(folders, tmp_path, variant):
+    torch_model, folder = folders["llama3"]
+    twin = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, **PEFT_VARIANTS[variant])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = peft.get_peft_model(twin, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in adapted.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    adapted.eval()
+    adapted.save_pretrained(tmp_path)
+    ids = _inputs()[0]
+    theirs = _torch_logits(adapted, ids)
+    assert _relative(theirs, _torch_logits(torch_model, ids)) > 1e-3
+
+    model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
+    model, _ = hf_llm.load_adapter(model, tmp_path)
+    model.eval()  # dropout off, as in PEFT's eval()
+    assert _relative(_forward(model, jnp.asarray(ids)), theirs) < TOL
+
+
 def test_jax_adapter_loads_in_peft_and_merged_folder_in_transformers(folders, tmp_path):
     torch_model, folder = folders["sharded"]  # several files: the layout is kept
     model, _ = hf_llm.load_pretrained(folder, dtype=jnp.float32)
