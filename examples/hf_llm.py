@@ -139,7 +139,14 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     elif (folder / WEIGHTS).is_file():
         files = [folder / WEIGHTS]
     else:
-        raise FileNotFoundError(f"{folder}: neither {WEIGHTS} nor {INDEX} found.")
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        hint = (
+            f" It has {', '.join(pickled[:3])}: PyTorch pickles, which are never loaded here "
+            f"(convert them once with transformers' save_pretrained(safe_serialization=True))."
+            if pickled
+            else ""
+        )
+        raise FileNotFoundError(f"{folder}: neither {WEIGHTS} nor {INDEX} found.{hint}")
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{index}: names {file.name}, which is missing.")

@@ -157,7 +157,6 @@ def test_loss_only_on_completion_tokens(example, toy):
     np.testing.assert_allclose(float(got), np.mean(per_row), rtol=1e-6)
 
 
-
 def test_prompt_keeps_the_tokenizers_bos_when_cut(example, toy):
     """A Llama-style tokenizer.json puts BOS before the prompt (its post-processor): the
     prompt keeps it, also when cut from the left; the completion gets none."""
@@ -184,6 +183,7 @@ def test_prompt_keeps_the_tokenizers_bos_when_cut(example, toy):
     np.testing.assert_array_equal(batch["tokens"][1], [bos] + long_ids[-38:] + completion[:1])
     np.testing.assert_array_equal(batch["targets"][1, -2:], completion[:2])
     np.testing.assert_array_equal(batch["weights"][1], np.arange(40) >= 38)
+
 
 def _tiny_dora_problem(example, rows: int):
     from flax import nnx

@@ -672,6 +672,11 @@ def test_checkpoint_refusals(folders, tmp_path):
     (tmp_path / "yarn" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"yarn.*config\.json|config\.json.*yarn"):
         hf_llm.load_pretrained(tmp_path / "yarn")
+    (tmp_path / "pickled").mkdir()  # weights only as pytorch_model.bin: named, not read
+    (tmp_path / "pickled" / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin: PyTorch pickles"):
+        hf_llm.load_pretrained(tmp_path / "pickled")
 
 
 # ------------------------------------------------------------------------------ PEFT
