@@ -557,7 +557,8 @@ def adapter_forward(
     else:
         base_out = apply_kernel(x, kernel)
     xd = x if x_dropped is None else x_dropped
-    if on_cpu and lora_a.ndim == 2 and _bfloat16_product(layer_map, xd, lora_a):
+    low_rank = on_cpu and lora_a.ndim == 2 and _bfloat16_product(layer_map, xd, lora_a)
+    if low_rank:
         lora_out = low_rank_product(xd.astype(jnp.bfloat16), lora_a, lora_b)
     else:
         lora_out = apply_lora_b((apply_lora_a or apply_kernel)(xd, lora_a), lora_b)
@@ -578,8 +579,77 @@ def adapter_forward(
     base_out_dropped = None
     if x_dropped is not None and g is not None:
         base_out_dropped = apply_kernel(x_dropped, kernel)
-    y = adapted_layer_output(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
+    if (
+        low_rank
+        and g is not None
+        and x_dropped is None
+        and x.ndim == 2
+        and base_out.dtype == lora_out.dtype == jnp.bfloat16
+        and g.size == base_out.shape[-1]
+        and _bfloat16_product(layer_map, x, kernel)
+    ):
+        inputs = (x.astype(jnp.bfloat16), kernel, lora_a, lora_b)
+        y = rounded_dora_output(scale, g.reshape(-1), base_out, lora_out, inputs)
+    else:
+        y = adapted_layer_output(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)
     return y if lead is None else y.reshape(*lead, y.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def rounded_dora_output(
+    scale: float, g: Array, base_out: Array, lora_out: Array, inputs: tuple[Array, ...]
+) -> Array:
+    """:func:`adapted_layer_output` ``g * (x@W0 + s*lora)`` (no dropout) of the CPU's
+    bfloat16 Dense-like path: ``g (out,)`` float32, ``base_out`` and ``lora_out``
+    ``(rows, out)`` bfloat16, and ``inputs = (x (rows, in), W0, A, B)`` that made them
+    (bfloat16 products summed in float32 and rounded, as :func:`accumulated_product` and
+    :func:`low_rank_product`). Returns ``y (rows, out)`` bfloat16.
+
+    The backward pass takes ``g``'s gradient ``sum_rows(dy * z)``, ``z = x@W0 + s*lora``,
+    from the rounded output as ``sum_rows(dy * y) / g`` (the product rounded to bfloat16,
+    summed in float32), so only ``y`` is kept for it, in bfloat16: from ``z`` XLA's CPU
+    backend keeps every layer's ``z`` in float32 from the forward pass to the backward
+    pass and converts both operands first (8% of a Llama training step). Where a
+    magnitude is zero ``y`` is zero and says nothing of ``z``: if any is, ``z`` is
+    recomputed from ``inputs`` (two more products, only then).
+    """
+    return _scaled_sum(scale, g, base_out, lora_out)
+
+
+def _scaled_sum(scale, g, base_out, lora_out):
+    z = base_out.astype(jnp.float32) + scale * lora_out.astype(jnp.float32)
+    return (g * z).astype(base_out.dtype)
+
+
+def _rounded_dora_forward(scale, g, base_out, lora_out, inputs):
+    y = _scaled_sum(scale, g, base_out, lora_out)
+    return y, (g, y, inputs)
+
+
+def _rounded_dora_backward(scale, residuals, dy):
+    g, y, inputs = residuals
+
+    def from_output():
+        # A product with a row of ones: XLA's CPU backend sums bfloat16 rows in float32
+        # without converting them first.
+        ones = jnp.ones((1, dy.shape[0]), dy.dtype)
+        sums = jnp.dot(ones, dy * y, preferred_element_type=jnp.float32)[0]
+        return sums / jnp.where(g == 0, 1.0, g)
+
+    def recomputed():
+        x, kernel, lora_a, lora_b = inputs
+        base = accumulated_product(x, kernel.astype(x.dtype)).astype(x.dtype)
+        lora = low_rank_product(x, lora_a, lora_b).astype(jnp.float32)
+        z = base.astype(jnp.float32) + scale * lora
+        return jnp.sum(dy.astype(jnp.float32) * z, axis=0)
+
+    d_g = jax.lax.cond(jnp.any(g == 0), recomputed, from_output)
+    d_z = g * dy.astype(jnp.float32)
+    zeros = jax.tree.map(jnp.zeros_like, inputs)
+    return d_g.astype(g.dtype), d_z.astype(y.dtype), (scale * d_z).astype(y.dtype), zeros
+
+
+rounded_dora_output.defvjp(_rounded_dora_forward, _rounded_dora_backward)
 
 
 def _stacking_pays(

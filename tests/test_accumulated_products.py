@@ -140,7 +140,11 @@ def _check_accumulated(fn, *args):
         assert "xf32>" in result, line
 
 
-def _linen_case(stack: bool, shape):
+# Output columns whose magnitude is set to zero (y = 0 there says nothing of z).
+ZEROED = np.arange(24) % 5 == 0
+
+
+def _linen_case(stack: bool, shape, zeroed=None):
     stacking = ops.Stacking(rows_per_output=np.inf if stack else 0.0)
     layer = dora_jax.DoRADense(
         24, rank=4, alpha=8.0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, stacking=stacking
@@ -153,6 +157,8 @@ def _linen_case(stack: bool, shape):
         "lora_b": jax.random.normal(jax.random.key(6), (4, 24)) * 0.2,
         "magnitude": variables["dora"]["magnitude"].astype(jnp.float32) * 1.1,
     }
+    if zeroed is not None:
+        dora["magnitude"] = jnp.where(zeroed, 0.0, dora["magnitude"])
 
     def output(dora, x):
         return layer.apply({"params": params, "dora": dora}, x)
@@ -168,7 +174,7 @@ class Net(nnx.Module):
         return self.fc(x)
 
 
-def _nnx_case(stack: bool, shape, **linear_kwargs):
+def _nnx_case(stack: bool, shape, zeroed=None, **linear_kwargs):
     kwargs = {"dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16, **linear_kwargs}
     model = Net(**kwargs)
     stacking = ops.Stacking(rows_per_output=np.inf if stack else 0.0)
@@ -178,6 +184,8 @@ def _nnx_case(stack: bool, shape, **linear_kwargs):
     fc = model.fc
     fc.lora_b.set_value(0.2 * jax.random.normal(jax.random.key(6), fc.lora_b.shape))
     fc.magnitude.set_value(fc.magnitude[...] * 1.1)
+    if zeroed is not None:
+        fc.magnitude.set_value(jnp.where(zeroed, 0.0, fc.magnitude[...]))
     graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
 
     def output(adapters, x):
@@ -206,11 +214,26 @@ def _nnx_case(stack: bool, shape, **linear_kwargs):
     ],
 )
 def test_bfloat16_layer_products_are_accumulated_and_match_float64(front_end, stack, shape, jit):
+    _check_bfloat16_layer(front_end, stack, shape, jit)
+
+
+@pytest.mark.parametrize("front_end", ["linen", "nnx"])
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_bfloat16_magnitude_gradient_where_magnitudes_are_zero(front_end, jit):
+    """The bfloat16 path takes the magnitude's gradient from the rounded output, as
+    ``sum(dy * y) / g``; where a magnitude is zero (so is ``y``) it recomputes the
+    sum ``z``: every gradient still matches float64, the zeroed columns' too."""
+    grads, expected = _check_bfloat16_layer(front_end, False, (2, 3), jit, zeroed=ZEROED)
+    got = _f64(grads["magnitude"]).reshape(-1)[ZEROED]
+    assert reference.relative_error(got, expected["magnitude"][ZEROED]) <= 3e-2
+
+
+def _check_bfloat16_layer(front_end, stack, shape, jit, zeroed=None):
     if front_end == "linen":
-        output, adapters, x, kernel, bias, scale = _linen_case(stack, shape)
+        output, adapters, x, kernel, bias, scale = _linen_case(stack, shape, zeroed)
         dora = adapters
     else:
-        output, adapters, x, kernel, bias, scale, dora = _nnx_case(stack, shape)
+        output, adapters, x, kernel, bias, scale, dora = _nnx_case(stack, shape, zeroed)
     cotangent = jax.random.normal(jax.random.key(7), (*shape, 24))
 
     def loss(adapters, x):
@@ -236,6 +259,7 @@ def test_bfloat16_layer_products_are_accumulated_and_match_float64(front_end, st
     for name in ("lora_a", "lora_b", "magnitude"):
         assert grads[name].dtype == jnp.float32
         assert reference.relative_error(grads[name], expected_grads[name]) <= 3e-2, name
+    return grads, expected_grads
 
 
 def _has_accumulated_product(fn, *args) -> bool:
