@@ -717,19 +717,19 @@ def test_peft_dora_trained_in_torch_loads_into_jax(folders, tmp_path):
 # PEFT configurations users bring, beyond one list of names (each perturbed, not trained).
 PEFT_VARIANTS = {
     "all-linear": {"target_modules": "all-linear"},
-    "regex-rslora": {"target_modules": r".*\.(q_proj|down_proj)", "use_rslora": True},
-    "patterns": {
-        "target_modules": ["q_proj", "v_proj", "down_proj"],
+    "regex-rslora-patterns": {
+        "target_modules": r".*\.(q_proj|v_proj|down_proj)",
+        "use_rslora": True,
         "rank_pattern": {"down_proj": 2},
         "alpha_pattern": {"down_proj": 16},
     },
-    "layers-exclude": {
-        "target_modules": ["q_proj", "up_proj"],
+    "layers-exclude-save-dropout": {
+        "target_modules": ["q_proj", "o_proj", "up_proj"],
         "layers_to_transform": [1],
         "exclude_modules": ["model.layers.1.mlp.up_proj"],
+        "modules_to_save": ["lm_head"],
+        "lora_dropout": 0.1,
     },
-    "modules-to-save": {"target_modules": ["o_proj"], "modules_to_save": ["lm_head"]},
-    "dropout": {"target_modules": ["q_proj", "gate_proj"], "lora_dropout": 0.1},
 }
 
 
