@@ -609,9 +609,11 @@ def rounded_dora_output(
     from the rounded output as ``sum_rows(dy * y) / g`` (the product rounded to bfloat16,
     summed in float32), so only ``y`` is kept for it, in bfloat16: from ``z`` XLA's CPU
     backend keeps every layer's ``z`` in float32 from the forward pass to the backward
-    pass and converts both operands first (8% of a Llama training step). Where a
-    magnitude is zero ``y`` is zero and says nothing of ``z``: if any is, ``z`` is
-    recomputed from ``inputs`` (two more products, only then).
+    pass and converts both operands first (8% of a Llama training step). ``y``'s
+    rounding enters the sum: against float64 the gradient's error grows from about
+    2.5e-3 to 3e-3 (PEFT's bfloat16 layer: 2.2e-3 to 3.9e-3; ``docs/benchmarks.md``
+    section 8). Where a magnitude is zero ``y`` is zero and says nothing of ``z``: if
+    any is, ``z`` is recomputed from ``inputs`` (two more products, only then).
     """
     return _scaled_sum(scale, g, base_out, lora_out)
 
