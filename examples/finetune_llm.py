@@ -63,6 +63,7 @@ import sysconfig
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,14 @@ def eos_id(folder: Path, tokenizer) -> int | None:
     if value is None:
         value = tokenizer.token_to_id(EOS)
     return value
+
+
+def end_ids(folder: Path, eos: int | None) -> tuple[int, ...]:
+    """Every id that ends a generation: ``eos`` and all of ``config.json``'s
+    ``eos_token_id`` list (Llama 3 Instruct's ends a turn with a later one)."""
+    value = json.loads((Path(folder) / "config.json").read_text()).get("eos_token_id")
+    listed = value if isinstance(value, list) else [] if value is None else [value]
+    return tuple(dict.fromkeys(([] if eos is None else [eos]) + [int(i) for i in listed]))
 
 
 def encode(rows: list[dict], tokenizer, max_len: int, eos: int | None) -> dict[str, np.ndarray]:
@@ -578,9 +587,9 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list:
+def generate(model, prompts: list[list[int]], max_new_tokens: int, ends: Sequence[int]) -> list:
     """Greedy continuations of the prompts (left-padded into one batch): per prompt, the
-    new tokens up to (without) ``eos``."""
+    new tokens up to (without) the first of ``ends``."""
     width = max(len(p) for p in prompts)
     tokens = np.zeros((len(prompts), width), np.int32)
     mask = np.zeros((len(prompts), width), bool)
@@ -591,15 +600,16 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos: int | No
         tokens,
         max_new_tokens,
         attention_mask=mask,
-        eos_token_id=eos,
-        pad_token_id=0 if eos is None else eos,
+        eos_token_id=list(ends) or None,
+        pad_token_id=ends[0] if ends else 0,
     )
     if jax.process_count() > 1:  # every process's copy of the (possibly sharded) result
         from jax.experimental import multihost_utils
 
         out = multihost_utils.process_allgather(out, tiled=True)
     news = [[int(t) for t in row[width:]] for row in np.asarray(out)]
-    return [new[: new.index(eos)] if eos is not None and eos in new else new for new in news]
+    cut = [next((i for i, t in enumerate(new) if t in ends), len(new)) for new in news]
+    return [new[:n] for new, n in zip(news, cut, strict=True)]
 
 
 def _made(folder: Path) -> Path:
@@ -661,10 +671,10 @@ def make_evaluator(graphdef, data: dict[str, np.ndarray], batch_size: int, mesh=
     return evaluate
 
 
-def show_generations(model, rows, tokenizer, eos, max_new_tokens: int, label: str, say):
+def show_generations(model, rows, tokenizer, ends, max_new_tokens: int, label: str, say):
     """Greedy completions of ``rows``' prompts (every process computes; ``say`` prints)."""
     prompts = [tokenizer.encode(r["prompt"], add_special_tokens=True).ids for r in rows]
-    texts = [tokenizer.decode(ids) for ids in generate(model, prompts, max_new_tokens, eos)]
+    texts = [tokenizer.decode(ids) for ids in generate(model, prompts, max_new_tokens, ends)]
     say(f"greedy generations, {label}:")
     for row, text in zip(rows, texts, strict=True):
         say(f"  {row['prompt'].splitlines()[0][:76]}")
@@ -918,6 +928,7 @@ def main(argv=None) -> dict[str, Any]:
         folder = Path(args.model)
     tokenizer = load_tokenizer(folder)
     eos = eos_id(folder, tokenizer)
+    ends = end_ids(folder, eos)
     if args.dataset is None:
         train_rows, test_rows = builtin_task(cache)
         source = "the standard library (signature -> docstring summary)"
@@ -985,7 +996,7 @@ def main(argv=None) -> dict[str, Any]:
     shown = test_rows[:: max(len(test_rows) // max(args.generations, 1), 1)][: args.generations]
     if shown:
         results["generations_before"] = show_generations(
-            model, shown, tokenizer, eos, args.max_new_tokens, "before fine-tuning", say
+            model, shown, tokenizer, ends, args.max_new_tokens, "before fine-tuning", say
         )
 
     schedule = optax.warmup_cosine_decay_schedule(
@@ -1035,7 +1046,7 @@ def main(argv=None) -> dict[str, Any]:
     )
     if shown:
         results["generations_after"] = show_generations(
-            model, shown, tokenizer, eos, args.max_new_tokens, "after fine-tuning", say
+            model, shown, tokenizer, ends, args.max_new_tokens, "after fine-tuning", say
         )
     if out is not None and not stopped and leader:
         results.update(write_folders(model, dora_config, folder, out, args, say))

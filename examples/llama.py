@@ -58,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -784,25 +784,27 @@ def generate(
     max_new_tokens: int,
     *,
     attention_mask: Array | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
 ) -> Array:
     """Greedy decoding: ``[B, T + max_new_tokens]`` (the prompt, then the new tokens).
 
     Prompts of different lengths are padded on the LEFT with ``attention_mask`` False
-    there. After a row emits ``eos_token_id`` its later tokens are ``pad_token_id``.
+    there. After a row emits ``eos_token_id`` (or any of a list, as Llama 3's
+    ``config.json`` gives) its later tokens are ``pad_token_id``.
     One jitted call (prefill, then a ``lax.scan`` of single-token steps with the cache).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask)
+    stops = None if eos_token_id is None else tuple(int(i) for i in np.atleast_1d(eos_token_id))
     graphdef, state = nnx.split(model)
     return _generate(
-        graphdef, state, tokens, mask.astype(bool), max_new_tokens, eos_token_id, pad_token_id
+        graphdef, state, tokens, mask.astype(bool), max_new_tokens, stops, pad_token_id
     )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(graphdef, state, tokens, mask, max_new_tokens, eos_token_id, pad_token_id):
+def _generate(graphdef, state, tokens, mask, max_new_tokens, stops, pad_token_id):
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
     cache = init_cache(model, b, t + max_new_tokens)
@@ -813,8 +815,8 @@ def _generate(graphdef, state, tokens, mask, max_new_tokens, eos_token_id, pad_t
     def step(carry, _):
         token, done, cache = carry
         token = jnp.where(done, pad_token_id, token)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
+        if stops:
+            done = done | jnp.isin(token, jnp.asarray(stops, jnp.int32))
         logits, cache = model(token[:, None], cache=cache)
         following = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         return (following, done, cache), token

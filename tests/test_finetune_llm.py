@@ -185,6 +185,15 @@ def test_prompt_keeps_the_tokenizers_bos_when_cut(example, toy):
     np.testing.assert_array_equal(batch["weights"][1], np.arange(40) >= 38)
 
 
+def test_end_ids_take_every_listed_eos(example, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+    assert example.end_ids(tmp_path, 128001) == (128001, 128008, 128009)
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert example.end_ids(tmp_path, 2) == (2,)
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    assert example.end_ids(tmp_path, None) == ()
+
+
 def _tiny_dora_problem(example, rows: int):
     from flax import nnx
 

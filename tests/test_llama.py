@@ -112,6 +112,21 @@ def _inputs():
     return ids, mask, positions
 
 
+def _torch_generate(model, ids, mask, eos_token_id):
+    """transformers' greedy generation of 20 tokens, padded with 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=0,
+        )
+    return out.numpy()
+
+
 @nnx.jit
 def _forward(model, ids, mask=None):
     return model(ids, attention_mask=mask)
@@ -153,18 +168,19 @@ def test_logits_and_greedy_generation_match_transformers(folders, case):
     assert _relative(_forward(model, jnp.asarray(ids)), _torch_logits(torch_model, ids)) < TOL
     if case == "sharded":
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        expected = torch_model.generate(
-            torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            max_new_tokens=20,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    expected = _torch_generate(torch_model, ids, mask, None)
     generated = np.asarray(llama.generate(model, ids, 20, attention_mask=mask))
     np.testing.assert_array_equal(generated, expected)
+    if case != "llama3":
+        return
+    # A list of end ids (Llama 3's config.json has three): each row stops at its first.
+    stops = [int(generated[0, 14]), int(generated[1, 17])]
+    expected = _torch_generate(torch_model, ids, mask, stops)
+    stopped = np.asarray(llama.generate(model, ids, 20, attention_mask=mask, eos_token_id=stops))
+    # transformers ends the batch when every row has stopped; ours pads to 20 new tokens.
+    assert expected.shape[1] < stopped.shape[1]
+    np.testing.assert_array_equal(stopped[:, : expected.shape[1]], expected)
+    assert not np.any(stopped[:, expected.shape[1] :])
 
 
 @pytest.mark.parametrize("case", list(CASES))
