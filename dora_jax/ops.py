@@ -559,7 +559,8 @@ def adapter_forward(
     xd = x if x_dropped is None else x_dropped
     low_rank = on_cpu and lora_a.ndim == 2 and _bfloat16_product(layer_map, xd, lora_a)
     if low_rank:
-        lora_out = low_rank_product(xd.astype(jnp.bfloat16), lora_a, lora_b)
+        x_bf16 = xd.astype(jnp.bfloat16)
+        lora_out = low_rank_product(x_bf16, lora_a, lora_b)
     else:
         lora_out = apply_lora_b((apply_lora_a or apply_kernel)(xd, lora_a), lora_b)
     g = None
@@ -579,16 +580,16 @@ def adapter_forward(
     base_out_dropped = None
     if x_dropped is not None and g is not None:
         base_out_dropped = apply_kernel(x_dropped, kernel)
+    # base_out in bfloat16 on this path means x @ W0 ran as accumulated_product.
     if (
         low_rank
         and g is not None
         and x_dropped is None
         and x.ndim == 2
-        and base_out.dtype == lora_out.dtype == jnp.bfloat16
+        and base_out.dtype == jnp.bfloat16
         and g.size == base_out.shape[-1]
-        and _bfloat16_product(layer_map, x, kernel)
     ):
-        inputs = (x.astype(jnp.bfloat16), kernel, lora_a, lora_b)
+        inputs = (x_bf16, kernel, lora_a, lora_b)
         y = rounded_dora_output(scale, g.reshape(-1), base_out, lora_out, inputs)
     else:
         y = adapted_layer_output(base_out, lora_out, scale, g, base_out_dropped=base_out_dropped)

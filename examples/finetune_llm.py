@@ -253,24 +253,25 @@ def load_tokenizer(folder: Path):
     return Tokenizer.from_file(str(file))
 
 
+def _listed_eos(folder: Path) -> list[int]:
+    """``config.json``'s ``eos_token_id``: one id or a list (Llama 3 gives three)."""
+    value = json.loads((Path(folder) / "config.json").read_text()).get("eos_token_id")
+    if value is None:
+        return []
+    return [int(i) for i in (value if isinstance(value, list) else [value])]
+
+
 def eos_id(folder: Path, tokenizer) -> int | None:
     """The end-of-sequence id: ``config.json``'s ``eos_token_id`` (the first of a list),
     else the tokenizer's ``EOS`` token, else ``None`` (completions then have no end)."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    value = config.get("eos_token_id")
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if value is None:
-        value = tokenizer.token_to_id(EOS)
-    return value
+    listed = _listed_eos(folder)
+    return listed[0] if listed else tokenizer.token_to_id(EOS)
 
 
 def end_ids(folder: Path, eos: int | None) -> tuple[int, ...]:
     """Every id that ends a generation: ``eos`` and all of ``config.json``'s
     ``eos_token_id`` list (Llama 3 Instruct's ends a turn with a later one)."""
-    value = json.loads((Path(folder) / "config.json").read_text()).get("eos_token_id")
-    listed = value if isinstance(value, list) else [] if value is None else [value]
-    return tuple(dict.fromkeys(([] if eos is None else [eos]) + [int(i) for i in listed]))
+    return tuple(dict.fromkeys(([] if eos is None else [eos]) + _listed_eos(folder)))
 
 
 def encode(rows: list[dict], tokenizer, max_len: int, eos: int | None) -> dict[str, np.ndarray]:
